@@ -1,0 +1,45 @@
+"""Pure tensor kernels of idefender-gpu (installed as ``idefender_gpu.kernels``).
+
+Gaussian log-densities from precision Cholesky factors, log-sum-exp responsibilities and
+weighted sufficient statistics for the four covariance types, batched over a leading group
+axis ``G`` and chunked over samples under a memory budget. The dense torch backend lives in
+``_dense``; factor conversions in ``_linalg``.
+"""
+
+from ._dense import (
+    DEFAULT_MEMORY_BUDGET,
+    chunk_rows,
+    estimate_gaussian_parameters,
+    estimate_log_prob_resp,
+    log_gaussian_prob,
+    log_prob_norm_and_resp,
+)
+from ._linalg import (
+    COVARIANCE_TYPES,
+    check_cholesky_info,
+    compute_prec_chol,
+    covariance_from_prec_chol,
+    log_det_prec_chol,
+    prec_chol_from_precisions,
+    prec_chol_from_scale_tril,
+    precision_from_prec_chol,
+    scale_tril_from_prec_chol,
+)
+
+__all__ = [
+    "COVARIANCE_TYPES",
+    "DEFAULT_MEMORY_BUDGET",
+    "check_cholesky_info",
+    "chunk_rows",
+    "compute_prec_chol",
+    "covariance_from_prec_chol",
+    "estimate_gaussian_parameters",
+    "estimate_log_prob_resp",
+    "log_det_prec_chol",
+    "log_gaussian_prob",
+    "log_prob_norm_and_resp",
+    "prec_chol_from_precisions",
+    "prec_chol_from_scale_tril",
+    "precision_from_prec_chol",
+    "scale_tril_from_prec_chol",
+]

@@ -1,0 +1,322 @@
+"""Dense torch backend: Gaussian-mixture E-step and M-step kernels.
+
+Pure functions, batched over a leading group axis ``G`` (``G`` independent mixtures in
+one call), chunked over samples so that no intermediate exceeds ``memory_budget`` bytes.
+No state, no RNG, no validation beyond cheap shape asserts, no host synchronisation.
+
+Shapes (C1 letters): ``X (G, N, D)``, or ``(N, D)`` shared by every group when scoring;
+``log_weights (G, K)``; ``means (G, K, D)``; ``prec_chol`` as in :mod:`._linalg`;
+``resp`` / ``log_resp`` ``(G, N, K)``. Rows of ``resp`` that are all zero (the padding of
+groups of unequal sizes) contribute nothing to the statistics.
+
+Peak memory of one chunk of ``c`` samples (``s`` bytes per element):
+
+* full log-density: ``(G, c, K, D)`` twice; tied/diag/spherical: ``(G, c, K, D)`` or
+  ``(G, c, K)``;
+* full covariances: ``(G, K, c, D)`` twice; diag/spherical: the same; tied ``(G, c, D)``.
+
+``c`` is the largest count that keeps those under ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._linalg import LOG_2PI, log_det_prec_chol
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "chunk_rows",
+    "estimate_gaussian_parameters",
+    "estimate_log_prob_resp",
+    "log_gaussian_prob",
+    "log_prob_norm_and_resp",
+]
+
+#: Default bound, in bytes, on the intermediates of one chunk (64 MiB).
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
+
+
+def chunk_rows(n_rows: int, bytes_per_row: int, memory_budget: int | None) -> int:
+    """Rows per chunk so that ``rows * bytes_per_row <= memory_budget`` (at least one)."""
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    return max(1, min(n_rows, budget // max(1, bytes_per_row)))
+
+
+def _chunks(n_rows: int, rows: int):
+    for start in range(0, n_rows, rows):
+        yield slice(start, min(start + rows, n_rows))
+
+
+# --------------------------------------------------------------------------------------
+# Log-densities
+# --------------------------------------------------------------------------------------
+
+
+def _maha_full(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
+    """Squared Mahalanobis distances ``‖(x - μ_k) P_k‖²``, full covariances.
+
+    One GEMM per chunk against the components' factors laid side by side,
+    ``(D, K*D)`` per group, then a squared norm over each component's D columns.
+    """
+    G, K, D, _ = prec_chol.shape
+    mu_prec = (means.unsqueeze(-2) @ prec_chol).squeeze(-2)  # (G, K, D)
+    out = []
+    if X.ndim == 2:  # shared samples, every group: one (c, D) @ (D, G*K*D) GEMM
+        prec_wide = prec_chol.permute(2, 0, 1, 3).reshape(D, G * K * D)  # (D, G*K*D)
+        shift = mu_prec.reshape(1, G * K * D)  # (1, G*K*D)
+        for sl in _chunks(X.shape[0], rows):
+            y = torch.addmm(shift, X[sl], prec_wide, alpha=1, beta=-1)  # (c, G*K*D)
+            maha = y.view(-1, G, K, D).square().sum(-1)  # (c, G, K)
+            out.append(maha.permute(1, 0, 2))  # (G, c, K)
+    else:
+        prec_wide = prec_chol.permute(0, 2, 1, 3).reshape(G, D, K * D)  # (G, D, K*D)
+        shift = mu_prec.reshape(G, 1, K * D)  # (G, 1, K*D)
+        for sl in _chunks(X.shape[1], rows):
+            y = torch.baddbmm(shift, X[:, sl], prec_wide, beta=-1)  # (G, c, K*D)
+            out.append(y.view(G, -1, K, D).square().sum(-1))  # (G, c, K)
+    return torch.cat(out, dim=1)  # (G, N, K)
+
+
+def _maha_tied(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
+    """``‖x P - μ_k P‖²`` with one factor ``P (G, D, D)`` shared by the K components."""
+    mu_prec = means @ prec_chol  # (G, K, D)
+    out = []
+    n_rows = X.shape[-2]
+    for sl in _chunks(n_rows, rows):
+        y = X[..., sl, :] @ prec_chol  # (G, c, D)
+        diff = y.unsqueeze(-2) - mu_prec.unsqueeze(-3)  # (G, c, K, D)
+        out.append(diff.square().sum(-1))  # (G, c, K)
+    return torch.cat(out, dim=-2)  # (G, N, K)
+
+
+def _maha_diag(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
+    """Diagonal precisions ``p = prec_chol²``: ``Σ_d p_kd (x_d - μ_kd)²`` by two GEMMs.
+
+    Expanded as ``x² pᵀ - 2 x (μ p)ᵀ + Σ μ² p`` after shifting samples and means by the
+    mean of the group's component means, which keeps the cancellation in the expansion
+    to the spread of the data around that centre.
+    """
+    centre = means.mean(-2, keepdim=True)  # (G, 1, D)
+    mu = means - centre  # (G, K, D)
+    prec = prec_chol.square()  # (G, K, D)
+    const = (mu.square() * prec).sum(-1).unsqueeze(-2)  # (G, 1, K)
+    mu_prec = (mu * prec).mT  # (G, D, K)
+    out = []
+    for sl in _chunks(X.shape[-2], rows):
+        xc = X[..., sl, :] - centre  # (G, c, D)
+        maha = torch.baddbmm(const, xc.square(), prec.mT)  # (G, c, K)
+        out.append(torch.baddbmm(maha, xc, mu_prec, alpha=-2))  # (G, c, K)
+    return torch.cat(out, dim=-2).clamp_min_(0)  # (G, N, K)
+
+
+def _maha_spherical(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
+    """One precision ``p_k = prec_chol_k²`` per component: ``p_k ‖x - μ_k‖²``."""
+    centre = means.mean(-2, keepdim=True)  # (G, 1, D)
+    mu = means - centre  # (G, K, D)
+    prec = prec_chol.square().unsqueeze(-2)  # (G, 1, K)
+    mu_sq = mu.square().sum(-1).unsqueeze(-2)  # (G, 1, K)
+    out = []
+    for sl in _chunks(X.shape[-2], rows):
+        xc = X[..., sl, :] - centre  # (G, c, D)
+        x_sq = xc.square().sum(-1, keepdim=True)  # (G, c, 1)
+        dist = torch.baddbmm(x_sq + mu_sq, xc, mu.mT, alpha=-2).clamp_min_(0)  # (G, c, K)
+        out.append(dist * prec)  # (G, c, K)
+    return torch.cat(out, dim=-2)  # (G, N, K)
+
+
+_MAHALANOBIS = {
+    "full": _maha_full,
+    "tied": _maha_tied,
+    "diag": _maha_diag,
+    "spherical": _maha_spherical,
+}
+
+
+def log_gaussian_prob(
+    X: Tensor,
+    means: Tensor,
+    prec_chol: Tensor,
+    covariance_type: str,
+    *,
+    memory_budget: int | None = None,
+) -> Tensor:
+    r"""Log-density of every sample under every component, batched over groups.
+
+    .. math::
+        \log \mathcal N(x \mid \mu_k, \Sigma_k) = -\tfrac12\big(D \log 2\pi
+        + \lVert (x - \mu_k)^\top P_k \rVert^2\big) + \sum_d \log (P_k)_{dd}
+
+    with ``P_k = prec_chol[k]`` (``Σ_k⁻¹ = P_k P_kᵀ``). Differentiable with respect to
+    every argument.
+
+    Parameters
+    ----------
+    X : Tensor
+        ``(G, N, D)`` samples per group, or ``(N, D)`` scored under every group.
+    means : Tensor
+        ``(G, K, D)``, or ``(K, D)`` for a single mixture (then the result has no G).
+    prec_chol : Tensor
+        Shape per ``covariance_type`` (see :mod:`._linalg`), with the same leading G.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    memory_budget : int, optional
+        Bytes allowed for the intermediates of one chunk of samples.
+
+    Returns
+    -------
+    log_prob : Tensor
+        ``(G, N, K)`` (``(N, K)`` without G), same dtype/device as ``X``.
+    """
+    single = means.ndim == 2
+    if single:
+        means, prec_chol = means.unsqueeze(0), prec_chol.unsqueeze(0)
+    G, K, D = means.shape
+    itemsize = X.element_size()
+    if covariance_type in ("full", "tied"):
+        bytes_per_row = 2 * G * K * D * itemsize
+    else:
+        bytes_per_row = (2 * G * D + 2 * G * K) * itemsize
+    rows = chunk_rows(X.shape[-2], bytes_per_row, memory_budget)
+    maha = _MAHALANOBIS[covariance_type](X, means, prec_chol, rows)  # (G, N, K)
+    log_det = log_det_prec_chol(prec_chol, covariance_type, D)  # (G, K) or (G,)
+    if covariance_type == "tied":
+        log_det = log_det.unsqueeze(-1)  # (G, 1)
+    log_prob = -0.5 * (D * LOG_2PI + maha) + log_det.unsqueeze(-2)  # (G, N, K)
+    return log_prob.squeeze(0) if single else log_prob
+
+
+def log_prob_norm_and_resp(weighted_log_prob: Tensor) -> tuple[Tensor, Tensor]:
+    """``log p(x) = logsumexp_k`` and ``log_resp = weighted_log_prob - log p(x)``.
+
+    ``weighted_log_prob (..., N, K)`` -> ``(..., N)``, ``(..., N, K)``.
+    """
+    log_prob_norm = torch.logsumexp(weighted_log_prob, dim=-1)  # (G, N)
+    return log_prob_norm, weighted_log_prob - log_prob_norm.unsqueeze(-1)
+
+
+def estimate_log_prob_resp(
+    X: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    prec_chol: Tensor,
+    covariance_type: str,
+    *,
+    memory_budget: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """E-step: per-sample log-likelihood ``(G, N)`` and log-responsibilities ``(G, N, K)``.
+
+    ``log_weights (G, K)``; the other arguments as in :func:`log_gaussian_prob`.
+    """
+    log_prob = log_gaussian_prob(X, means, prec_chol, covariance_type, memory_budget=memory_budget)
+    return log_prob_norm_and_resp(log_prob + log_weights.unsqueeze(-2))
+
+
+# --------------------------------------------------------------------------------------
+# M-step statistics
+# --------------------------------------------------------------------------------------
+
+
+def _add_to_diagonal(matrices: Tensor, value: float) -> Tensor:
+    matrices.diagonal(dim1=-2, dim2=-1).add_(value)
+    return matrices
+
+
+def _covariances_full(X, resp, nk, means, reg_covar, rows):
+    """``Σ_k = Σ_n r_nk (x_n - μ_k)(x_n - μ_k)ᵀ / n_k + reg``, accumulated centred."""
+    G, K, D = means.shape
+    cov = X.new_zeros(G, K, D, D)
+    for sl in _chunks(X.shape[1], rows):
+        diff = X[:, sl].unsqueeze(1) - means.unsqueeze(2)  # (G, K, c, D)
+        weighted = diff * resp[:, sl].mT.unsqueeze(-1)  # (G, K, c, D)
+        cov.add_(weighted.mT @ diff)  # (G, K, D, D)
+    cov.div_(nk[..., None, None])
+    return _add_to_diagonal(cov, reg_covar)
+
+
+def _covariances_tied(X, resp, nk, means, reg_covar, rows):
+    """``Σ = (Σ_n w_n x̃_n x̃_nᵀ - Σ_k n_k μ̃_k μ̃_kᵀ) / Σ_k n_k + reg``.
+
+    ``x̃ = x - c`` and ``μ̃ = μ - c`` are centred on the group's weighted mean ``c``, so
+    the subtraction cancels only the spread of the component means about it.
+    """
+    G, K, D = means.shape
+    weight = resp.sum(-1)  # (G, N) one for samples, zero for padding
+    total = nk.sum(-1)  # (G,)
+    centre = (nk.unsqueeze(-1) * means).sum(-2) / total.unsqueeze(-1)  # (G, D)
+    cov = X.new_zeros(G, D, D)
+    for sl in _chunks(X.shape[1], rows):
+        xc = X[:, sl] - centre.unsqueeze(1)  # (G, c, D)
+        cov.add_((xc * weight[:, sl].unsqueeze(-1)).mT @ xc)  # (G, D, D)
+    mu = means - centre.unsqueeze(1)  # (G, K, D)
+    cov.sub_((mu * nk.unsqueeze(-1)).mT @ mu)  # (G, D, D)
+    cov.div_(total[:, None, None])
+    return _add_to_diagonal(cov, reg_covar)
+
+
+def _covariances_diag(X, resp, nk, means, reg_covar, rows):
+    """``σ²_kd = Σ_n r_nk (x_nd - μ_kd)² / n_k + reg``, accumulated centred."""
+    G, K, D = means.shape
+    var = X.new_zeros(G, K, 1, D)
+    for sl in _chunks(X.shape[1], rows):
+        diff_sq = (X[:, sl].unsqueeze(1) - means.unsqueeze(2)).square()  # (G, K, c, D)
+        var.add_(resp[:, sl].mT.unsqueeze(-2) @ diff_sq)  # (G, K, 1, D)
+    return var.squeeze(-2).div_(nk.unsqueeze(-1)).add_(reg_covar)  # (G, K, D)
+
+
+def _covariances_spherical(X, resp, nk, means, reg_covar, rows):
+    """Mean over features of the diagonal variances, ``(G, K)``."""
+    return _covariances_diag(X, resp, nk, means, reg_covar, rows).mean(-1)
+
+
+_COVARIANCES = {
+    "full": _covariances_full,
+    "tied": _covariances_tied,
+    "diag": _covariances_diag,
+    "spherical": _covariances_spherical,
+}
+
+
+def estimate_gaussian_parameters(
+    X: Tensor,
+    resp: Tensor,
+    reg_covar: float,
+    covariance_type: str,
+    *,
+    memory_budget: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """M-step sufficient statistics: counts, means and centred covariances.
+
+    Parameters
+    ----------
+    X : Tensor
+        ``(G, N, D)`` samples (padding rows arbitrary but finite).
+    resp : Tensor
+        ``(G, N, K)`` responsibilities, rows summing to one for samples and zero for
+        padding.
+    reg_covar : float
+        Added to every covariance diagonal.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    memory_budget : int, optional
+        Bytes allowed for the intermediates of one chunk of samples.
+
+    Returns
+    -------
+    nk : Tensor
+        ``(G, K)`` soft counts, floored by ``10 * eps`` of the dtype as in scikit-learn.
+    means : Tensor
+        ``(G, K, D)``.
+    covariances : Tensor
+        Shape per ``covariance_type`` (see :mod:`._linalg`), same dtype/device as ``X``.
+    """
+    G, N, D = X.shape
+    K = resp.shape[-1]
+    nk = resp.sum(-2) + 10 * torch.finfo(resp.dtype).eps  # (G, K)
+    means = (resp.mT @ X) / nk.unsqueeze(-1)  # (G, K, D)
+    if covariance_type == "tied":
+        bytes_per_row = 2 * G * D * X.element_size()
+    else:
+        bytes_per_row = 2 * G * K * D * X.element_size()
+    rows = chunk_rows(N, bytes_per_row, memory_budget)
+    covariances = _COVARIANCES[covariance_type](X, resp, nk, means, reg_covar, rows)
+    return nk, means, covariances

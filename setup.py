@@ -1,0 +1,36 @@
+"""Packaging for idefender-gpu.
+
+The top-level folder ``kernels/`` is installed as the sub-package ``idefender_gpu.kernels``
+(never as a top-level ``kernels`` package: that import name belongs to another PyPI project).
+"""
+
+from setuptools import setup
+
+setup(
+    name="idefender-gpu",
+    version="0.1.0",
+    description=(
+        "GPU-native Gaussian mixtures (a scikit-learn drop-in) and the I-defender "
+        "adversarial-input detector"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["idefender_gpu", "idefender_gpu.mixture", "idefender_gpu.kernels"],
+    package_dir={"idefender_gpu.kernels": "kernels"},
+    install_requires=["torch", "numpy"],
+    extras_require={
+        "keops": ["pykeops>=2.3"],
+        "dev": [
+            "pytest",
+            "hypothesis",
+            "scikit-learn>=1.6",
+            "scipy",
+            "matplotlib",
+            "safetensors",
+            "tqdm",
+        ],
+    },
+    entry_points={"console_scripts": ["idefender-gpu=idefender_gpu.cli:main"]},
+    license="BSD-3-Clause",
+)
