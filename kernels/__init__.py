@@ -9,6 +9,7 @@ axis ``G`` and chunked over samples under a memory budget. The dense torch backe
 from ._dense import (
     DEFAULT_MEMORY_BUDGET,
     chunk_rows,
+    default_memory_budget,
     estimate_gaussian_parameters,
     estimate_log_prob_resp,
     log_gaussian_prob,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "check_cholesky_info",
     "chunk_rows",
+    "default_memory_budget",
     "compute_prec_chol",
     "covariance_from_prec_chol",
     "estimate_gaussian_parameters",

@@ -28,19 +28,32 @@ from ._linalg import LOG_2PI, log_det_prec_chol
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "chunk_rows",
+    "default_memory_budget",
     "estimate_gaussian_parameters",
     "estimate_log_prob_resp",
     "log_gaussian_prob",
     "log_prob_norm_and_resp",
 ]
 
-#: Default bound, in bytes, on the intermediates of one chunk (64 MiB).
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+#: Default bound, in bytes, on the intermediates of one chunk, per device type. On CPU
+#: chunks that stay in cache are fastest (``benchmarks/bench_chunks.py`` measures it); on
+#: a GPU larger chunks keep the GEMMs large.
+DEFAULT_MEMORY_BUDGET = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 
 
-def chunk_rows(n_rows: int, bytes_per_row: int, memory_budget: int | None) -> int:
-    """Rows per chunk so that ``rows * bytes_per_row <= memory_budget`` (at least one)."""
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+def default_memory_budget(device: torch.device) -> int:
+    """The default chunk budget in bytes for ``device`` (64 MiB for unknown types)."""
+    return DEFAULT_MEMORY_BUDGET.get(torch.device(device).type, 64 * 2**20)
+
+
+def chunk_rows(
+    n_rows: int, bytes_per_row: int, memory_budget: int | None, device: torch.device | str = "cpu"
+) -> int:
+    """Rows per chunk so that ``rows * bytes_per_row <= memory_budget`` (at least one).
+
+    ``memory_budget=None`` uses :func:`default_memory_budget` of ``device``.
+    """
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
     return max(1, min(n_rows, budget // max(1, bytes_per_row)))
 
 
@@ -55,27 +68,37 @@ def _chunks(n_rows: int, rows: int):
 
 
 def _maha_full(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
-    """Squared Mahalanobis distances ``‖(x - μ_k) P_k‖²``, full covariances.
+    """Squared Mahalanobis distances ``‖x P_k - μ_k P_k‖²``, full covariances.
 
-    One GEMM per chunk against the components' factors laid side by side,
-    ``(D, K*D)`` per group, then a squared norm over each component's D columns.
+    One GEMM per chunk against the components' factors laid side by side, with the
+    shift ``-μ_k P_k`` folded in as an extra row matched by a column of ones in the
+    samples: ``[x, 1] @ [[P_1 … P_K], [-μ_1 P_1 … -μ_K P_K]]`` is ``(c, K*D)`` per group.
+    (A broadcast bias in ``baddbmm`` costs an extra memory pass, and is pathologically
+    slow for some chunk sizes on CPU.) Then a squared norm over each component's D
+    columns.
     """
     G, K, D, _ = prec_chol.shape
+    # Squaring in place is safe only when autograd does not need the product.
+    in_place = not (torch.is_grad_enabled() and (X.requires_grad or means.requires_grad
+                                                  or prec_chol.requires_grad))
     mu_prec = (means.unsqueeze(-2) @ prec_chol).squeeze(-2)  # (G, K, D)
-    out = []
-    if X.ndim == 2:  # shared samples, every group: one (c, D) @ (D, G*K*D) GEMM
+    shared = X.ndim == 2  # samples scored under every group: one (c, D+1) @ (D+1, G*K*D) GEMM
+    if shared:
         prec_wide = prec_chol.permute(2, 0, 1, 3).reshape(D, G * K * D)  # (D, G*K*D)
-        shift = mu_prec.reshape(1, G * K * D)  # (1, G*K*D)
-        for sl in _chunks(X.shape[0], rows):
-            y = torch.addmm(shift, X[sl], prec_wide, alpha=1, beta=-1)  # (c, G*K*D)
-            maha = y.view(-1, G, K, D).square().sum(-1)  # (c, G, K)
-            out.append(maha.permute(1, 0, 2))  # (G, c, K)
+        prec_wide = torch.cat([prec_wide, -mu_prec.reshape(1, G * K * D)], dim=0)  # (D+1, G*K*D)
     else:
         prec_wide = prec_chol.permute(0, 2, 1, 3).reshape(G, D, K * D)  # (G, D, K*D)
-        shift = mu_prec.reshape(G, 1, K * D)  # (G, 1, K*D)
-        for sl in _chunks(X.shape[1], rows):
-            y = torch.baddbmm(shift, X[:, sl], prec_wide, beta=-1)  # (G, c, K*D)
-            out.append(y.view(G, -1, K, D).square().sum(-1))  # (G, c, K)
+        prec_wide = torch.cat([prec_wide, -mu_prec.reshape(G, 1, K * D)], dim=1)  # (G, D+1, K*D)
+    out = []
+    for sl in _chunks(X.shape[-2], rows):
+        xc = X[..., sl, :]  # (G, c, D) or (c, D)
+        x_aug = torch.cat([xc, xc.new_ones(*xc.shape[:-1], 1)], dim=-1)  # (..., c, D+1)
+        y = x_aug @ prec_wide  # (G, c, K*D) or (c, G*K*D)
+        y = y.square_() if in_place else y.square()
+        if shared:
+            out.append(y.view(-1, G, K, D).sum(-1).permute(1, 0, 2))  # (G, c, K)
+        else:
+            out.append(y.view(G, -1, K, D).sum(-1))  # (G, c, K)
     return torch.cat(out, dim=1)  # (G, N, K)
 
 
@@ -177,7 +200,7 @@ def log_gaussian_prob(
         bytes_per_row = 2 * G * K * D * itemsize
     else:
         bytes_per_row = (2 * G * D + 2 * G * K) * itemsize
-    rows = chunk_rows(X.shape[-2], bytes_per_row, memory_budget)
+    rows = chunk_rows(X.shape[-2], bytes_per_row, memory_budget, X.device)
     maha = _MAHALANOBIS[covariance_type](X, means, prec_chol, rows)  # (G, N, K)
     log_det = log_det_prec_chol(prec_chol, covariance_type, D)  # (G, K) or (G,)
     if covariance_type == "tied":
@@ -223,13 +246,17 @@ def _add_to_diagonal(matrices: Tensor, value: float) -> Tensor:
 
 
 def _covariances_full(X, resp, nk, means, reg_covar, rows):
-    """``Σ_k = Σ_n r_nk (x_n - μ_k)(x_n - μ_k)ᵀ / n_k + reg``, accumulated centred."""
+    """``Σ_k = Σ_n r_nk (x_n - μ_k)(x_n - μ_k)ᵀ / n_k + reg``, accumulated centred.
+
+    As a Gram matrix ``Aᵀ A`` of ``A = √r ⊙ (x - μ_k)``: one intermediate per chunk.
+    """
     G, K, D = means.shape
     cov = X.new_zeros(G, K, D, D)
+    sqrt_resp = resp.sqrt().mT.unsqueeze(-1)  # (G, K, N, 1)
     for sl in _chunks(X.shape[1], rows):
-        diff = X[:, sl].unsqueeze(1) - means.unsqueeze(2)  # (G, K, c, D)
-        weighted = diff * resp[:, sl].mT.unsqueeze(-1)  # (G, K, c, D)
-        cov.add_(weighted.mT @ diff)  # (G, K, D, D)
+        scaled = X[:, sl].unsqueeze(1) - means.unsqueeze(2)  # (G, K, c, D)
+        scaled.mul_(sqrt_resp[:, :, sl])
+        cov.add_(scaled.mT @ scaled)  # (G, K, D, D)
     cov.div_(nk[..., None, None])
     return _add_to_diagonal(cov, reg_covar)
 
@@ -317,6 +344,6 @@ def estimate_gaussian_parameters(
         bytes_per_row = 2 * G * D * X.element_size()
     else:
         bytes_per_row = 2 * G * K * D * X.element_size()
-    rows = chunk_rows(N, bytes_per_row, memory_budget)
+    rows = chunk_rows(N, bytes_per_row, memory_budget, X.device)
     covariances = _COVARIANCES[covariance_type](X, resp, nk, means, reg_covar, rows)
     return nk, means, covariances

@@ -698,7 +698,8 @@ class _GaussianMixtureBase(_EstimatorParams):
         if ctype == "tied":
             return means + noise @ scale_tril.mT, labels
         # full: x = μ_k + L_k z, one component at a time over chunks (no (n, D, D) gather)
-        rows = kernels.chunk_rows(n_samples, G * K * D * state.dtype.itemsize, self.memory_budget)
+        rows = kernels.chunk_rows(n_samples, G * K * D * state.dtype.itemsize, self.memory_budget,
+                                   state.device)
         out = []
         for start in range(0, n_samples, rows):
             z = noise[:, start:start + rows]  # (G, c, D)

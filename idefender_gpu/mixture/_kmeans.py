@@ -20,7 +20,7 @@ def _sq_dist(X: Tensor, centers: Tensor, memory_budget: int | None) -> Tensor:
     G, N, D = X.shape
     T = centers.shape[1]
     c_sq = centers.square().sum(-1).unsqueeze(-2)  # (G, 1, T)
-    rows = chunk_rows(N, 2 * G * (T + D) * X.element_size(), memory_budget)
+    rows = chunk_rows(N, 2 * G * (T + D) * X.element_size(), memory_budget, X.device)
     out = []
     for start in range(0, N, rows):
         xc = X[:, start : start + rows]  # (G, c, D)
