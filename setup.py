@@ -4,7 +4,7 @@ The top-level folder ``kernels/`` is installed as the sub-package ``idefender_gp
 (never as a top-level ``kernels`` package: that import name belongs to another PyPI project).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="idefender-gpu",
@@ -16,9 +16,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["idefender_gpu", "idefender_gpu.mixture", "idefender_gpu.kernels"],
+    packages=find_packages(include=["idefender_gpu", "idefender_gpu.*"]) + ["idefender_gpu.kernels"],
     package_dir={"idefender_gpu.kernels": "kernels"},
-    install_requires=["torch", "numpy"],
+    # torch is pinned by the install instructions (torch==2.14.1 first); any torch >= 2.1 works.
+    install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm"],
     extras_require={
         "keops": ["pykeops>=2.3"],
         "dev": [
