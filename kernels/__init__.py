@@ -2,8 +2,10 @@
 
 Gaussian log-densities from precision Cholesky factors, log-sum-exp responsibilities and
 weighted sufficient statistics for the four covariance types, batched over a leading group
-axis ``G`` and chunked over samples under a memory budget. The dense torch backend lives in
-``_dense``; factor conversions in ``_linalg``.
+axis ``G`` and chunked over samples under a memory budget. Two backends export the same
+``log_prob_norm`` and ``m_step_statistics``: dense torch (``_dense``, re-exported here) and
+KeOps (``idefender_gpu.kernels._keops``, imported lazily: pykeops is optional). Factor
+conversions live in ``_linalg``.
 """
 
 from ._dense import (
@@ -13,7 +15,10 @@ from ._dense import (
     estimate_gaussian_parameters,
     estimate_log_prob_resp,
     log_gaussian_prob,
+    log_prob_norm,
     log_prob_norm_and_resp,
+    m_step_statistics,
+    tied_covariance,
 )
 from ._linalg import (
     COVARIANCE_TYPES,
@@ -39,9 +44,12 @@ __all__ = [
     "estimate_log_prob_resp",
     "log_det_prec_chol",
     "log_gaussian_prob",
+    "log_prob_norm",
     "log_prob_norm_and_resp",
+    "m_step_statistics",
     "prec_chol_from_precisions",
     "prec_chol_from_scale_tril",
     "precision_from_prec_chol",
     "scale_tril_from_prec_chol",
+    "tied_covariance",
 ]

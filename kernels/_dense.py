@@ -32,7 +32,10 @@ __all__ = [
     "estimate_gaussian_parameters",
     "estimate_log_prob_resp",
     "log_gaussian_prob",
+    "log_prob_norm",
     "log_prob_norm_and_resp",
+    "m_step_statistics",
+    "tied_covariance",
 ]
 
 #: Default bound, in bytes, on the intermediates of one chunk, per device type. On CPU
@@ -245,12 +248,13 @@ def _add_to_diagonal(matrices: Tensor, value: float) -> Tensor:
     return matrices
 
 
-def _covariances_full(X, resp, nk, means, reg_covar, rows):
+def _covariances_full(X, resp, nk, means, reg_covar, memory_budget):
     """``Σ_k = Σ_n r_nk (x_n - μ_k)(x_n - μ_k)ᵀ / n_k + reg``, accumulated centred.
 
     As a Gram matrix ``Aᵀ A`` of ``A = √r ⊙ (x - μ_k)``: one intermediate per chunk.
     """
     G, K, D = means.shape
+    rows = chunk_rows(X.shape[1], G * K * D * X.element_size(), memory_budget, X.device)
     cov = X.new_zeros(G, K, D, D)
     sqrt_resp = resp.sqrt().mT.unsqueeze(-1)  # (G, K, N, 1)
     for sl in _chunks(X.shape[1], rows):
@@ -261,14 +265,23 @@ def _covariances_full(X, resp, nk, means, reg_covar, rows):
     return _add_to_diagonal(cov, reg_covar)
 
 
-def _covariances_tied(X, resp, nk, means, reg_covar, rows):
-    """``Σ = (Σ_n w_n x̃_n x̃_nᵀ - Σ_k n_k μ̃_k μ̃_kᵀ) / Σ_k n_k + reg``.
+def tied_covariance(
+    X: Tensor,
+    weight: Tensor,
+    nk: Tensor,
+    means: Tensor,
+    reg_covar: float,
+    *,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Tied covariance ``(Σ_n w_n x̃_n x̃_nᵀ - Σ_k n_k μ̃_k μ̃_kᵀ) / Σ_k n_k + reg``, ``(G, D, D)``.
 
     ``x̃ = x - c`` and ``μ̃ = μ - c`` are centred on the group's weighted mean ``c``, so
-    the subtraction cancels only the spread of the component means about it.
+    the subtraction cancels only the spread of the component means about it. ``weight
+    (G, N)`` is one for samples and zero for padding; ``nk (G, K)``, ``means (G, K, D)``.
     """
     G, K, D = means.shape
-    weight = resp.sum(-1)  # (G, N) one for samples, zero for padding
+    rows = chunk_rows(X.shape[1], 2 * G * D * X.element_size(), memory_budget, X.device)
     total = nk.sum(-1)  # (G,)
     centre = (nk.unsqueeze(-1) * means).sum(-2) / total.unsqueeze(-1)  # (G, D)
     cov = X.new_zeros(G, D, D)
@@ -281,9 +294,15 @@ def _covariances_tied(X, resp, nk, means, reg_covar, rows):
     return _add_to_diagonal(cov, reg_covar)
 
 
-def _covariances_diag(X, resp, nk, means, reg_covar, rows):
+def _covariances_tied(X, resp, nk, means, reg_covar, memory_budget):
+    """Tied covariance from responsibilities (their row sums are the sample weights)."""
+    return tied_covariance(X, resp.sum(-1), nk, means, reg_covar, memory_budget=memory_budget)
+
+
+def _covariances_diag(X, resp, nk, means, reg_covar, memory_budget):
     """``σ²_kd = Σ_n r_nk (x_nd - μ_kd)² / n_k + reg``, accumulated centred."""
     G, K, D = means.shape
+    rows = chunk_rows(X.shape[1], G * K * D * X.element_size(), memory_budget, X.device)
     var = X.new_zeros(G, K, 1, D)
     for sl in _chunks(X.shape[1], rows):
         diff_sq = (X[:, sl].unsqueeze(1) - means.unsqueeze(2)).square()  # (G, K, c, D)
@@ -291,9 +310,9 @@ def _covariances_diag(X, resp, nk, means, reg_covar, rows):
     return var.squeeze(-2).div_(nk.unsqueeze(-1)).add_(reg_covar)  # (G, K, D)
 
 
-def _covariances_spherical(X, resp, nk, means, reg_covar, rows):
+def _covariances_spherical(X, resp, nk, means, reg_covar, memory_budget):
     """Mean over features of the diagonal variances, ``(G, K)``."""
-    return _covariances_diag(X, resp, nk, means, reg_covar, rows).mean(-1)
+    return _covariances_diag(X, resp, nk, means, reg_covar, memory_budget).mean(-1)
 
 
 _COVARIANCES = {
@@ -336,14 +355,49 @@ def estimate_gaussian_parameters(
     covariances : Tensor
         Shape per ``covariance_type`` (see :mod:`._linalg`), same dtype/device as ``X``.
     """
-    G, N, D = X.shape
-    K = resp.shape[-1]
     nk = resp.sum(-2) + 10 * torch.finfo(resp.dtype).eps  # (G, K)
     means = (resp.mT @ X) / nk.unsqueeze(-1)  # (G, K, D)
-    if covariance_type == "tied":
-        bytes_per_row = 2 * G * D * X.element_size()
-    else:
-        bytes_per_row = 2 * G * K * D * X.element_size()
-    rows = chunk_rows(N, bytes_per_row, memory_budget, X.device)
-    covariances = _COVARIANCES[covariance_type](X, resp, nk, means, reg_covar, rows)
+    covariances = _COVARIANCES[covariance_type](X, resp, nk, means, reg_covar, memory_budget)
     return nk, means, covariances
+
+
+def log_prob_norm(
+    X: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    prec_chol: Tensor,
+    covariance_type: str,
+    *,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Per-sample mixture log-likelihood ``logsumexp_k (log w_k + log N(x | k))``.
+
+    ``(G, N)`` (``(N,)`` without G); arguments as in :func:`log_gaussian_prob` plus
+    ``log_weights (G, K)``. Differentiable. Mirrors the KeOps backend's function.
+    """
+    log_prob = log_gaussian_prob(X, means, prec_chol, covariance_type, memory_budget=memory_budget)
+    return torch.logsumexp(log_prob + log_weights.unsqueeze(-2), dim=-1)
+
+
+def m_step_statistics(
+    X: Tensor,
+    log_prob_norm: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    prec_chol: Tensor,
+    covariance_type: str,
+    reg_covar: float,
+    *,
+    sample_weight: Tensor | None = None,
+    memory_budget: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """M-step from the parameters that produced ``log_prob_norm`` (mirrors the KeOps backend).
+
+    Recomputes the responsibilities ``(G, N, K)`` densely, then
+    :func:`estimate_gaussian_parameters`. ``sample_weight (G, N)`` zeroes padding rows.
+    """
+    log_prob = log_gaussian_prob(X, means, prec_chol, covariance_type, memory_budget=memory_budget)
+    resp = (log_prob + log_weights.unsqueeze(-2) - log_prob_norm.unsqueeze(-1)).exp()
+    if sample_weight is not None:
+        resp = resp * sample_weight.unsqueeze(-1)
+    return estimate_gaussian_parameters(X, resp, reg_covar, covariance_type, memory_budget=memory_budget)

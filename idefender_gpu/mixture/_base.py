@@ -33,11 +33,11 @@ from idefender_gpu._validation import (
     resolve_dtype,
 )
 from idefender_gpu.exceptions import ConvergenceWarning, NotFittedError
+from idefender_gpu.mixture._backends import BACKEND_NAMES, DenseEM, resolve_backend
 from idefender_gpu.mixture._kmeans import kmeans_lloyd, kmeans_plusplus
 
 logger = logging.getLogger("idefender_gpu.mixture")
 
-BACKENDS = ("auto", "torch")
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 
 
@@ -89,6 +89,7 @@ class _Config:
     reg_covar: float
     max_iter: int
     memory_budget: int | None
+    backend: type = DenseEM
 
 
 def _group_layout(X: Tensor, y: Tensor, n_groups: int) -> tuple[_Groups, Tensor, Tensor]:
@@ -204,32 +205,17 @@ def _params_from_covariances(weights, means, covariances, cfg: _Config, mask=Non
     return _Params(weights, means, covariances, prec_chol)
 
 
-def _e_step(groups: _Groups, params: _Params, cfg: _Config) -> tuple[Tensor, Tensor]:
-    """Per-group mean log-likelihood ``(G,)`` and responsibilities ``(G, N, K)``."""
-    log_prob_norm, log_resp = kernels.estimate_log_prob_resp(
-        groups.X,
-        params.weights.log(),
-        params.means,
-        params.prec_chol,
-        cfg.covariance_type,
-        memory_budget=cfg.memory_budget,
-    )
-    resp = log_resp.exp()  # (G, N, K)
-    if groups.weight is None:
-        return log_prob_norm.mean(-1), resp
-    valid = groups.weight > 0  # (G, N)
-    mean_log_prob = torch.where(valid, log_prob_norm, 0).sum(-1) / groups.counts
-    return mean_log_prob, torch.where(valid.unsqueeze(-1), resp, 0)
-
-
-def _m_step(groups: _Groups, resp: Tensor, cfg: _Config) -> tuple[_Params, Tensor]:
-    """New parameters from responsibilities; also the Cholesky ``info`` to check."""
-    nk, means, covariances = kernels.estimate_gaussian_parameters(
-        groups.X, resp, cfg.reg_covar, cfg.covariance_type, memory_budget=cfg.memory_budget
-    )
+def _em_step(groups: _Groups, params: _Params, cfg: _Config) -> tuple[Tensor, _Params, Tensor]:
+    """One E-step and M-step: mean log-likelihood ``(G,)`` under ``params``, the new
+    parameters, and the Cholesky ``info`` of the new covariances to check."""
+    backend = cfg.backend
+    mean_log_prob, e_state = backend.e_step(groups.X, groups.weight, groups.counts, params,
+                                            cfg.covariance_type, cfg.memory_budget)
+    nk, means, covariances = backend.m_step(groups.X, groups.weight, e_state, params,
+                                            cfg.covariance_type, cfg.reg_covar, cfg.memory_budget)
     weights = nk / nk.sum(-1, keepdim=True)
     prec_chol, info = kernels.compute_prec_chol(covariances, cfg.covariance_type)
-    return _Params(weights, means, covariances, prec_chol), info
+    return mean_log_prob, _Params(weights, means, covariances, prec_chol), info
 
 
 @dataclass
@@ -252,8 +238,7 @@ def _run_em(groups: _Groups, params: _Params, lower_bound: Tensor, cfg: _Config,
     history: list[Tensor] = []
     tic = time.perf_counter()
     for it in range(1, cfg.max_iter + 1):
-        mean_log_prob, resp = _e_step(groups, params, cfg)
-        new_params, info = _m_step(groups, resp, cfg)
+        mean_log_prob, new_params, info = _em_step(groups, params, cfg)
         failed = (info != 0).reshape(G, -1).any(-1) & active  # (G,)
         params = new_params.select(active, params)
         change = mean_log_prob - lower_bound
@@ -399,7 +384,7 @@ class _GaussianMixtureBase(_EstimatorParams):
             raise TypeError(f"The 'warm_start' parameter must be a bool. Got {self.warm_start!r} instead.")
         check_scalar(self.verbose, "verbose", Integral, 0)
         check_scalar(self.verbose_interval, "verbose_interval", Integral, 1)
-        check_options(self.backend, "backend", BACKENDS)
+        check_options(self.backend, "backend", BACKEND_NAMES)
         if self.memory_budget is not None:
             check_scalar(self.memory_budget, "memory_budget", Integral, 0, low_open=True)
 
@@ -548,8 +533,9 @@ class _GaussianMixtureBase(_EstimatorParams):
                 f"{self.n_components}, n_samples = {int(counts[g])}{where}"
             )
         inits = self._checked_inits(G, D, dtype, device)
+        backend = resolve_backend(self.backend, D, self.n_components, self.covariance_type)
         cfg = _Config(self.n_components, self.covariance_type, float(self.tol),
-                      float(self.reg_covar), int(self.max_iter), self.memory_budget)
+                      float(self.reg_covar), int(self.max_iter), self.memory_budget, backend)
         gen = _make_generator(self.random_state, device)
         warm_params = warm_lb = None
         if warm:
@@ -561,7 +547,7 @@ class _GaussianMixtureBase(_EstimatorParams):
         with torch.no_grad():
             run = self._fit_groups(groups, inits, cfg, gen, warm_params, warm_lb)
         # Everything succeeded: only now touch the fitted state.
-        self._set_fitted(run, kind, D, device, dtype)
+        self._set_fitted(run, kind, D, device, dtype, backend)
         self._warn_not_converged(run)
         return groups, y_t, rows
 
@@ -586,10 +572,10 @@ class _GaussianMixtureBase(_EstimatorParams):
 
     # -- fitted state ------------------------------------------------------------------
 
-    def _set_fitted(self, run: _Run, kind: ArrayKind, D: int, device, dtype) -> None:
+    def _set_fitted(self, run: _Run, kind: ArrayKind, D: int, device, dtype, backend) -> None:
         params = run.params
         lower_bound = run.lower_bound
-        self._state = _FittedState(params, lower_bound, kind, device, dtype)
+        self._state = _FittedState(params, lower_bound, kind, device, dtype, backend)
         public = self._public(params, kind)
         self.weights_ = public["weights_"]
         self.means_ = public["means_"]
@@ -663,6 +649,10 @@ class _GaussianMixtureBase(_EstimatorParams):
                                              memory_budget=self.memory_budget)
         return log_prob + params.weights.log().unsqueeze(-2)
 
+    def _log_prob_norm(self, X: Tensor, state: "_FittedState") -> Tensor:
+        """``log p(x)`` under every group, ``(G, N)``, with the fitted backend."""
+        return state.backend.log_prob_norm(X, state.params, self.covariance_type, self.memory_budget)
+
     def _n_parameters(self) -> int:
         """Free parameters of one mixture (scikit-learn's count)."""
         K, D = self.n_components, self.n_features_in_
@@ -717,6 +707,7 @@ class _FittedState:
     kind: ArrayKind
     device: torch.device
     dtype: torch.dtype
+    backend: type = DenseEM
     sources: tuple[int, ...] = ()
 
 

@@ -60,8 +60,11 @@ _SHARED_PARAMETERS_DOC = """
     dtype : {{None, 'float32', 'float64'}} or torch dtype, default=None
         Compute dtype. Default: the input's float32/float64; float64 for NumPy integer
         input (as scikit-learn); float32 otherwise.
-    backend : {{'auto', 'torch'}}, default='auto'
-        Kernel backend. 'torch' is the dense batched-GEMM backend ('auto' picks it).
+    backend : {{'auto', 'torch', 'keops'}}, default='auto'
+        Kernel backend. 'torch': dense batched GEMMs over chunks of samples. 'keops':
+        KeOps lazy reductions (pykeops, optional), no ``(N, K, D)`` intermediate; each new
+        formula compiles on first use (seconds). 'auto' picks from the measured table in
+        README (``benchmarks/bench_backends.py``).
     memory_budget : int, default=None
         Bytes allowed for the intermediates of one chunk of samples in the kernels
         (default 64 MiB). Samples are processed in chunks that stay under it."""
@@ -183,8 +186,9 @@ class GaussianMixture(_GaussianMixtureBase):
         -------
         log_prob : array of shape (n_samples,)
         """
-        weighted, kind = self._log_prob(X)
-        return kind.out(torch.logsumexp(weighted, dim=-1))
+        state = self._check_is_fitted()
+        X_t, kind = self._check_X(X, state)
+        return kind.out(self._log_prob_norm(X_t, state)[0])
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood of ``X``.
@@ -193,8 +197,9 @@ class GaussianMixture(_GaussianMixtureBase):
         -------
         log_likelihood : float
         """
-        weighted, _ = self._log_prob(X)
-        return float(torch.logsumexp(weighted, dim=-1).mean())
+        state = self._check_is_fitted()
+        X_t, _ = self._check_X(X, state)
+        return float(self._log_prob_norm(X_t, state)[0].mean())
 
     def predict(self, X: Any) -> Any:
         """Most probable component of each sample.
@@ -310,8 +315,8 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
             n_groups = int(labels.max()) + 1
         return labels, n_groups
 
-    def _set_fitted(self, run, kind, D, device, dtype):
-        super()._set_fitted(run, kind, D, device, dtype)
+    def _set_fitted(self, run, kind, D, device, dtype, backend):
+        super()._set_fitted(run, kind, D, device, dtype, backend)
         self.n_groups_ = int(run.params.weights.shape[0])
 
     def fit(self, X: Any, y: Any) -> "BatchedGaussianMixture":
@@ -359,18 +364,23 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
         -------
         log_prob : array of shape (n_samples,) with ``y``, else (n_samples, G)
         """
+        state = self._check_is_fitted()
+        X_t, kind = self._check_X(X, state)
         if y is None:
-            state = self._check_is_fitted()
-            X_t, kind = self._check_X(X, state)
-            weighted = self._weighted_log_prob(X_t, state.params)  # (G, N, K)
-            return kind.out(torch.logsumexp(weighted, dim=-1).mT)
-        weighted, kind = self._own_group_log_prob(X, y)
-        return kind.out(torch.logsumexp(weighted, dim=-1))
+            return kind.out(self._log_prob_norm(X_t, state).mT)  # (N, G)
+        return kind.out(self._own_group_log_prob_norm(X_t, y, state))
 
     def score(self, X: Any, y: Any) -> float:
         """Mean log-likelihood of the samples under their groups' mixtures."""
-        weighted, _ = self._own_group_log_prob(X, y)
-        return float(torch.logsumexp(weighted, dim=-1).mean())
+        state = self._check_is_fitted()
+        X_t, _ = self._check_X(X, state)
+        return float(self._own_group_log_prob_norm(X_t, y, state).mean())
+
+    def _own_group_log_prob_norm(self, X_t: Tensor, y: Any, state) -> Tensor:
+        """``log p(x | its group)`` ``(N,)``: each group scores only its own samples."""
+        y_t = check_labels(y, X_t.shape[0], state.device, self.n_groups_)
+        groups, y_t, rows = _group_layout(X_t, y_t, self.n_groups_)
+        return self._log_prob_norm(groups.X, state)[y_t, rows]
 
     def predict(self, X: Any, y: Any) -> Any:
         """Most probable component of each sample within its group's mixture."""

@@ -1,0 +1,125 @@
+"""EM backends: how an E-step and an M-step are computed (private).
+
+Each backend is one class with the same three static methods; adding a backend is one class
+plus one table entry (C14). The EM driver never looks inside.
+
+* ``torch`` (dense): the E-step materialises the ``(G, N, K)`` responsibilities with batched
+  GEMMs and the M-step reuses them.
+* ``keops``: the E-step keeps only ``log p(x)`` ``(G, N)``; the M-step recomputes the
+  responsibilities lazily inside one KeOps reduction. No ``(N, K, D)`` tensor at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from idefender_gpu import kernels
+
+
+def _mean_log_prob(log_prob_norm: Tensor, weight: Tensor | None, counts: Tensor) -> Tensor:
+    """Per-group mean of ``log p(x)`` over real samples, ``(G,)``."""
+    if weight is None:
+        return log_prob_norm.mean(-1)
+    return torch.where(weight > 0, log_prob_norm, 0).sum(-1) / counts
+
+
+class DenseEM:
+    """Dense torch backend."""
+
+    name = "torch"
+
+    @staticmethod
+    def e_step(X, weight, counts, params, covariance_type, memory_budget):
+        """``(mean log-likelihood (G,), responsibilities (G, N, K))``."""
+        log_prob_norm, log_resp = kernels.estimate_log_prob_resp(
+            X, params.weights.log(), params.means, params.prec_chol, covariance_type,
+            memory_budget=memory_budget,
+        )
+        resp = log_resp.exp()  # (G, N, K)
+        if weight is not None:
+            resp = torch.where(weight.unsqueeze(-1) > 0, resp, 0)
+        return _mean_log_prob(log_prob_norm, weight, counts), resp
+
+    @staticmethod
+    def m_step(X, weight, resp, params, covariance_type, reg_covar, memory_budget):
+        """``(nk, means, covariances)`` from the E-step's responsibilities."""
+        return kernels.estimate_gaussian_parameters(
+            X, resp, reg_covar, covariance_type, memory_budget=memory_budget
+        )
+
+    @staticmethod
+    def log_prob_norm(X, params, covariance_type, memory_budget):
+        """``log p(x)`` ``(G, N)``, differentiable."""
+        return kernels.log_prob_norm(X, params.weights.log(), params.means, params.prec_chol,
+                                     covariance_type, memory_budget=memory_budget)
+
+
+class KeOpsEM:
+    """KeOps backend (pykeops imported on first use)."""
+
+    name = "keops"
+
+    @staticmethod
+    def e_step(X, weight, counts, params, covariance_type, memory_budget):
+        """``(mean log-likelihood (G,), log p(x) (G, N))``."""
+        from idefender_gpu.kernels import _keops
+
+        log_prob_norm = _keops.log_prob_norm(X, params.weights.log(), params.means,
+                                             params.prec_chol, covariance_type)
+        return _mean_log_prob(log_prob_norm, weight, counts), log_prob_norm
+
+    @staticmethod
+    def m_step(X, weight, log_prob_norm, params, covariance_type, reg_covar, memory_budget):
+        """``(nk, means, covariances)`` with the responsibilities recomputed lazily."""
+        from idefender_gpu.kernels import _keops
+
+        return _keops.m_step_statistics(
+            X, log_prob_norm, params.weights.log(), params.means, params.prec_chol,
+            covariance_type, reg_covar, sample_weight=weight, memory_budget=memory_budget,
+        )
+
+    @staticmethod
+    def log_prob_norm(X, params, covariance_type, memory_budget):
+        """``log p(x)`` ``(G, N)``, differentiable."""
+        from idefender_gpu.kernels import _keops
+
+        return _keops.log_prob_norm(X, params.weights.log(), params.means, params.prec_chol,
+                                    covariance_type)
+
+
+BACKENDS = {"torch": DenseEM, "keops": KeOpsEM}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def prefers_keops(n_features: int, n_components: int, covariance_type: str) -> bool:
+    """The ``backend='auto'`` rule, from ``benchmarks/bench_backends.py`` (see README).
+
+    KeOps evaluates each (sample, component) term in registers: it wins when the per-pair
+    work is small (few features) and there are many components, where the dense backend
+    moves ``N K D`` intermediates through memory. Dense batched GEMMs win for large D.
+    """
+    limit = AUTO_KEOPS_MAX_FEATURES[covariance_type]
+    return n_features <= limit and n_components >= AUTO_KEOPS_MIN_COMPONENTS
+
+
+#: Largest D where KeOps beat dense in the backend benchmark, per covariance type.
+AUTO_KEOPS_MAX_FEATURES = {"full": 0, "tied": 0, "diag": 0, "spherical": 0}
+#: Fewest components where KeOps beat dense.
+AUTO_KEOPS_MIN_COMPONENTS = 1
+
+
+def resolve_backend(name: str, n_features: int, n_components: int, covariance_type: str):
+    """Backend class for ``name`` (``'auto'`` applies :func:`prefers_keops` when pykeops imports)."""
+    if name == "auto":
+        if prefers_keops(n_features, n_components, covariance_type):
+            from idefender_gpu.kernels import _keops
+
+            if _keops.available():
+                return KeOpsEM
+        return DenseEM
+    if name == "keops":
+        from idefender_gpu.kernels import _keops
+
+        _keops._lazy()  # ImportError with the install hint when pykeops is missing
+    return BACKENDS[name]
