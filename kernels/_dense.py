@@ -204,7 +204,10 @@ def log_gaussian_prob(
     else:
         bytes_per_row = (2 * G * D + 2 * G * K) * itemsize
     rows = chunk_rows(X.shape[-2], bytes_per_row, memory_budget, X.device)
-    maha = _MAHALANOBIS[covariance_type](X, means, prec_chol, rows)  # (G, N, K)
+    if X.shape[-2] == 0:
+        maha = X.new_zeros(G, 0, K)
+    else:
+        maha = _MAHALANOBIS[covariance_type](X, means, prec_chol, rows)  # (G, N, K)
     log_det = log_det_prec_chol(prec_chol, covariance_type, D)  # (G, K) or (G,)
     if covariance_type == "tied":
         log_det = log_det.unsqueeze(-1)  # (G, 1)
