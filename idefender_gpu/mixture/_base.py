@@ -617,6 +617,20 @@ class _GaussianMixtureBase(_EstimatorParams):
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "_state")
 
+    def __sklearn_tags__(self):
+        """scikit-learn estimator tags (density estimator), so its helpers (``Pipeline``,
+        ``GridSearchCV``, ``check_is_fitted``) accept the estimator. Needs scikit-learn."""
+        from sklearn.utils import InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="density_estimator",
+            target_tags=TargetTags(required=self._batched),
+            transformer_tags=None,
+            regressor_tags=None,
+            classifier_tags=None,
+            input_tags=InputTags(allow_nan=False),
+        )
+
     def _check_is_fitted(self) -> "_FittedState":
         if not self.__sklearn_is_fitted__():
             raise NotFittedError(
