@@ -18,6 +18,8 @@ from ._dense import (
     log_prob_norm,
     log_prob_norm_and_resp,
     m_step_statistics,
+    shifted_statistics,
+    statistics_to_parameters,
     tied_covariance,
 )
 from ._linalg import (
@@ -51,5 +53,7 @@ __all__ = [
     "prec_chol_from_scale_tril",
     "precision_from_prec_chol",
     "scale_tril_from_prec_chol",
+    "shifted_statistics",
+    "statistics_to_parameters",
     "tied_covariance",
 ]

@@ -35,6 +35,8 @@ __all__ = [
     "log_prob_norm",
     "log_prob_norm_and_resp",
     "m_step_statistics",
+    "shifted_statistics",
+    "statistics_to_parameters",
     "tied_covariance",
 ]
 
@@ -404,3 +406,88 @@ def m_step_statistics(
     if sample_weight is not None:
         resp = resp * sample_weight.unsqueeze(-1)
     return estimate_gaussian_parameters(X, resp, reg_covar, covariance_type, memory_budget=memory_budget)
+
+
+# --------------------------------------------------------------------------------------
+# Sufficient statistics that add up across batches (streaming and data-parallel EM)
+# --------------------------------------------------------------------------------------
+
+
+def shifted_statistics(
+    X: Tensor,
+    resp: Tensor,
+    centres: Tensor,
+    covariance_type: str,
+    *,
+    memory_budget: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums over samples that can be added across batches (or ranks), centred on ``centres``.
+
+    With ``d = x - c_k`` (``c_k = centres[k]``, usually the current means):
+
+    * ``counts (G, K) = Σ_n r_nk`` (no floor);
+    * ``first (G, K, D) = Σ_n r_nk d``;
+    * ``second``: full ``(G, K, D, D) = Σ_n r_nk d dᵀ``; diag/spherical ``(G, K, D)`` its
+      diagonal; tied ``(G, D, D) = Σ_n w_n (x - c̄)(x - c̄)ᵀ`` with ``c̄`` the mean of the
+      centres and ``w_n = Σ_k r_nk``.
+
+    :func:`statistics_to_parameters` turns the totals into counts, means and covariances.
+    Centring on the current means keeps the final correction ``δ δᵀ`` small (``δ`` is the
+    move of a mean in one EM step), so the covariances stay accurate in float32.
+    ``X (G, N, D)``, ``resp (G, N, K)`` (zero rows for padding), ``centres (G, K, D)``.
+    """
+    G, N, D = X.shape
+    K = resp.shape[-1]
+    counts = resp.sum(-2)  # (G, K)
+    first = resp.mT @ X - counts.unsqueeze(-1) * centres  # (G, K, D)
+    if covariance_type == "tied":
+        weight = resp.sum(-1)  # (G, N)
+        shift = centres.mean(-2, keepdim=True)  # (G, 1, D)
+        rows = chunk_rows(N, 2 * G * D * X.element_size(), memory_budget, X.device)
+        second = X.new_zeros(G, D, D)
+        for sl in _chunks(N, rows):
+            xc = X[:, sl] - shift  # (G, c, D)
+            second.add_((xc * weight[:, sl].unsqueeze(-1)).mT @ xc)
+        return counts, first, second
+    rows = chunk_rows(N, G * K * D * X.element_size(), memory_budget, X.device)
+    if covariance_type == "full":
+        second = X.new_zeros(G, K, D, D)
+        sqrt_resp = resp.sqrt().mT.unsqueeze(-1)  # (G, K, N, 1)
+        for sl in _chunks(N, rows):
+            scaled = X[:, sl].unsqueeze(1) - centres.unsqueeze(2)  # (G, K, c, D)
+            scaled.mul_(sqrt_resp[:, :, sl])
+            second.add_(scaled.mT @ scaled)  # (G, K, D, D)
+        return counts, first, second
+    second = X.new_zeros(G, K, 1, D)
+    for sl in _chunks(N, rows):
+        diff_sq = (X[:, sl].unsqueeze(1) - centres.unsqueeze(2)).square()  # (G, K, c, D)
+        second.add_(resp[:, sl].mT.unsqueeze(-2) @ diff_sq)  # (G, K, 1, D)
+    return counts, first, second.squeeze(-2)
+
+
+def statistics_to_parameters(
+    counts: Tensor,
+    first: Tensor,
+    second: Tensor,
+    centres: Tensor,
+    reg_covar: float,
+    covariance_type: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(nk, means, covariances)`` from totals of :func:`shifted_statistics`.
+
+    ``nk = counts + 10 eps``; ``δ = first / nk``; ``means = centres + δ``; full
+    ``Σ_k = second_k / nk - δ_k δ_kᵀ + reg`` (diag: the diagonal; spherical: its mean over
+    features); tied ``Σ = (second - Σ_k nk (μ_k - c̄)(μ_k - c̄)ᵀ) / Σ_k nk + reg``.
+    """
+    nk = counts + 10 * torch.finfo(counts.dtype).eps  # (G, K)
+    delta = first / nk.unsqueeze(-1)  # (G, K, D)
+    means = centres + delta
+    if covariance_type == "full":
+        cov = second / nk[..., None, None] - delta.unsqueeze(-1) * delta.unsqueeze(-2)
+        return nk, means, _add_to_diagonal(cov, reg_covar)
+    if covariance_type in ("diag", "spherical"):
+        var = second / nk.unsqueeze(-1) - delta.square() + reg_covar  # (G, K, D)
+        return nk, means, var if covariance_type == "diag" else var.mean(-1)
+    mu = means - centres.mean(-2, keepdim=True)  # (G, K, D)
+    cov = (second - (mu * nk.unsqueeze(-1)).mT @ mu) / nk.sum(-1)[:, None, None]
+    return nk, means, _add_to_diagonal(cov, reg_covar)

@@ -205,17 +205,37 @@ def _params_from_covariances(weights, means, covariances, cfg: _Config, mask=Non
     return _Params(weights, means, covariances, prec_chol)
 
 
-def _em_step(groups: _Groups, params: _Params, cfg: _Config) -> tuple[Tensor, _Params, Tensor]:
-    """One E-step and M-step: mean log-likelihood ``(G,)`` under ``params``, the new
-    parameters, and the Cholesky ``info`` of the new covariances to check."""
-    backend = cfg.backend
-    mean_log_prob, e_state = backend.e_step(groups.X, groups.weight, groups.counts, params,
-                                            cfg.covariance_type, cfg.memory_budget)
-    nk, means, covariances = backend.m_step(groups.X, groups.weight, e_state, params,
-                                            cfg.covariance_type, cfg.reg_covar, cfg.memory_budget)
+def _finish_m_step(nk: Tensor, means: Tensor, covariances: Tensor,
+                   cfg: _Config) -> tuple[_Params, Tensor]:
+    """Parameters from M-step statistics, and the Cholesky ``info`` to check."""
     weights = nk / nk.sum(-1, keepdim=True)
     prec_chol, info = kernels.compute_prec_chol(covariances, cfg.covariance_type)
-    return mean_log_prob, _Params(weights, means, covariances, prec_chol), info
+    return _Params(weights, means, covariances, prec_chol), info
+
+
+class _InMemory:
+    """Samples held in memory in the padded group layout; one E+M step per call."""
+
+    def __init__(self, groups: _Groups) -> None:
+        self.groups = groups
+        self.counts = groups.counts  # (G,)
+
+    def em_step(self, params: _Params, cfg: _Config) -> tuple[Tensor, _Params, Tensor]:
+        """Mean log-likelihood ``(G,)`` under ``params``, the new parameters and the
+        Cholesky ``info`` of the new covariances."""
+        g, backend = self.groups, cfg.backend
+        mean_log_prob, e_state = backend.e_step(g.X, g.weight, g.counts, params,
+                                                cfg.covariance_type, cfg.memory_budget)
+        stats = backend.m_step(g.X, g.weight, e_state, params, cfg.covariance_type,
+                               cfg.reg_covar, cfg.memory_budget)
+        return (mean_log_prob, *_finish_m_step(*stats, cfg))
+
+    def initial_statistics(self, method: str, gen: torch.Generator, cfg: _Config):
+        """``(nk, means, covariances)`` of the responsibilities ``init_params`` gives."""
+        resp = _INITIAL_RESP[method](self.groups, cfg.n_components, gen, cfg.memory_budget)
+        return kernels.estimate_gaussian_parameters(
+            self.groups.X, resp, cfg.reg_covar, cfg.covariance_type, memory_budget=cfg.memory_budget
+        )
 
 
 @dataclass
@@ -227,9 +247,13 @@ class _Run:
     lower_bounds: list[Tensor]  # one (G,) tensor per iteration
 
 
-def _run_em(groups: _Groups, params: _Params, lower_bound: Tensor, cfg: _Config, verbose: int,
+def _run_em(step, params: _Params, lower_bound: Tensor, cfg: _Config, verbose: int,
             verbose_interval: int) -> _Run:
-    """EM iterations for all groups at once until each converges or ``max_iter``."""
+    """EM iterations for all groups at once until each converges or ``max_iter``.
+
+    ``step(params, cfg)`` returns the mean log-likelihood ``(G,)`` under ``params``, the
+    next parameters and their Cholesky ``info`` (one pass over the data).
+    """
     G = params.weights.shape[0]
     device = params.weights.device
     active = torch.ones(G, dtype=torch.bool, device=device)
@@ -238,7 +262,7 @@ def _run_em(groups: _Groups, params: _Params, lower_bound: Tensor, cfg: _Config,
     history: list[Tensor] = []
     tic = time.perf_counter()
     for it in range(1, cfg.max_iter + 1):
-        mean_log_prob, new_params, info = _em_step(groups, params, cfg)
+        mean_log_prob, new_params, info = step(params, cfg)
         failed = (info != 0).reshape(G, -1).any(-1) & active  # (G,)
         params = new_params.select(active, params)
         change = mean_log_prob - lower_bound
@@ -250,7 +274,7 @@ def _run_em(groups: _Groups, params: _Params, lower_bound: Tensor, cfg: _Config,
         active = active & ~now_converged
         any_failed, any_active = torch.stack([failed.any(), active.any()]).tolist()  # one sync
         if any_failed:
-            kernels.check_cholesky_info(info, cfg.covariance_type, groups.X.dtype, failed)
+            kernels.check_cholesky_info(info, cfg.covariance_type, lower_bound.dtype, failed)
         if verbose and it % verbose_interval == 0:
             toc = time.perf_counter()
             logger.info("  Iteration %d\t time lapse %.5fs\t active groups %d", it, toc - tic,
@@ -449,17 +473,14 @@ class _GaussianMixtureBase(_EstimatorParams):
 
     # -- fitting -----------------------------------------------------------------------
 
-    def _initial_params(self, groups: _Groups, inits: dict, cfg: _Config,
+    def _initial_params(self, source, inits: dict, cfg: _Config,
                         gen: torch.Generator) -> _Params:
         """Initial parameters from the user's inits, completed by ``init_params``."""
         weights, means, prec_chol = inits["weights"], inits["means"], inits["prec_chol"]
         covariances = None
         if weights is None or means is None or prec_chol is None:
-            resp = _INITIAL_RESP[self.init_params](groups, cfg.n_components, gen, cfg.memory_budget)
-            nk, resp_means, resp_covariances = kernels.estimate_gaussian_parameters(
-                groups.X, resp, cfg.reg_covar, cfg.covariance_type, memory_budget=cfg.memory_budget
-            )
-            weights = nk / groups.counts.unsqueeze(-1) if weights is None else weights
+            nk, resp_means, resp_covariances = source.initial_statistics(self.init_params, gen, cfg)
+            weights = nk / source.counts.unsqueeze(-1) if weights is None else weights
             means = resp_means if means is None else means
             if prec_chol is None:
                 covariances = resp_covariances
@@ -469,10 +490,10 @@ class _GaussianMixtureBase(_EstimatorParams):
             covariances = kernels.covariance_from_prec_chol(prec_chol, cfg.covariance_type)
         return _Params(weights, means, covariances, prec_chol)
 
-    def _fit_groups(self, groups: _Groups, inits: dict, cfg: _Config, gen: torch.Generator,
+    def _fit_groups(self, source, inits: dict, cfg: _Config, gen: torch.Generator,
                     warm: "_Params | None", warm_lower_bound: Tensor | None) -> _Run:
         """All ``n_init`` runs; per group, the run with the largest lower bound wins."""
-        G = groups.X.shape[0]
+        G = source.counts.shape[0]
         n_init = 1 if warm is not None else self.n_init
         best: _Run | None = None
         for init in range(n_init):
@@ -481,9 +502,9 @@ class _GaussianMixtureBase(_EstimatorParams):
             if warm is not None:
                 params, lower_bound = warm, warm_lower_bound
             else:
-                params = self._initial_params(groups, inits, cfg, gen)
-                lower_bound = torch.full((G,), -torch.inf, dtype=groups.X.dtype, device=groups.X.device)
-            run = _run_em(groups, params, lower_bound, cfg, self.verbose, self.verbose_interval)
+                params = self._initial_params(source, inits, cfg, gen)
+                lower_bound = torch.full_like(source.counts, -torch.inf)
+            run = _run_em(source.em_step, params, lower_bound, cfg, self.verbose, self.verbose_interval)
             if cfg.max_iter == 0:
                 run.lower_bound = torch.full_like(lower_bound, -torch.inf)
             if best is None:
@@ -515,15 +536,26 @@ class _GaussianMixtureBase(_EstimatorParams):
         X_t, kind = check_array(X, dtype=dtype, device=device, estimator_name=type(self).__name__,
                                 ensure_min_samples=2)
         n_samples, D = X_t.shape
-        warm = self.warm_start and self.__sklearn_is_fitted__()
-        if warm and D != self.n_features_in_:
+        if self.warm_start and self.__sklearn_is_fitted__() and D != self.n_features_in_:
             raise ValueError(
                 f"X has {D} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input."
             )
         y_t, G = self._labels_for_fit(y, n_samples, device, dtype, D)
         groups, y_t, rows = _group_layout(X_t, y_t, G)
-        counts = groups.counts.long()
+        self._fit_source(_InMemory(groups), D, kind)
+        return groups, y_t, rows
+
+    def _fit_source(self, source, D: int, kind: ArrayKind) -> None:
+        """Fit from a data source (in memory or streamed): checks, inits, EM; the fitted
+        attributes are set only once everything succeeded."""
+        counts = source.counts.long()
+        G, dtype, device = counts.shape[0], source.counts.dtype, source.counts.device
+        if self.warm_start and self.__sklearn_is_fitted__() and D != self.n_features_in_:
+            raise ValueError(
+                f"X has {D} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
         too_small = counts < self.n_components
         if bool(too_small.any()):
             g = int(too_small.nonzero()[0, 0])
@@ -538,18 +570,17 @@ class _GaussianMixtureBase(_EstimatorParams):
                       float(self.reg_covar), int(self.max_iter), self.memory_budget, backend)
         gen = _make_generator(self.random_state, device)
         warm_params = warm_lb = None
-        if warm:
+        if self.warm_start and self.__sklearn_is_fitted__():
             state = self._state
             if state.params.weights.shape[0] != G or state.params.weights.device != device \
                     or state.params.weights.dtype != dtype:
                 raise ValueError("warm_start needs the same groups, dtype and device as the previous fit")
             warm_params, warm_lb = state.params, state.lower_bound
         with torch.no_grad():
-            run = self._fit_groups(groups, inits, cfg, gen, warm_params, warm_lb)
+            run = self._fit_groups(source, inits, cfg, gen, warm_params, warm_lb)
         # Everything succeeded: only now touch the fitted state.
         self._set_fitted(run, kind, D, device, dtype, backend)
         self._warn_not_converged(run)
-        return groups, y_t, rows
 
     def _labels_for_fit(self, y, n_samples, device, dtype, D) -> tuple[Tensor, int]:
         raise NotImplementedError

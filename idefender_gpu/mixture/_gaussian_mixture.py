@@ -161,6 +161,31 @@ class GaussianMixture(_GaussianMixtureBase):
         self._fit(X, None)
         return self
 
+    def fit_stream(self, data: Any) -> "GaussianMixture":
+        """Fit by streaming EM from batches that are read once per EM iteration.
+
+        Exact EM (the in-memory fit's result, to round-off) with the samples never all in
+        memory: each pass scores the batches and adds up their sufficient statistics,
+        centred on the current means. A first pass validates the batches and keeps a
+        uniform sample of ``max(256, 20 * n_components)`` rows for the seeding of
+        ``init_params``; ``'kmeans'`` then runs Lloyd passes over the stream.
+
+        Parameters
+        ----------
+        data : iterable or callable
+            Re-iterable batches (a ``DataLoader``, a list of arrays) of ``X`` of shape
+            (batch, n_features), or ``(X, ...)`` tuples (the rest is ignored); or a callable
+            returning a fresh iterable. NumPy or tensors, as :meth:`fit`.
+
+        Returns
+        -------
+        self : GaussianMixture
+        """
+        from idefender_gpu.mixture._stream import fit_stream
+
+        fit_stream(self, data)
+        return self
+
     def fit_predict(self, X: Any, y: Any = None) -> Any:
         """Fit, then return the component labels of ``X`` (a final E-step makes them
         equal ``fit(X).predict(X)``).
@@ -297,6 +322,14 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
     _batched = True
 
     def _labels_for_fit(self, y, n_samples, device, dtype, D):
+        n_groups = self._init_groups()
+        labels = check_labels(y, n_samples, device, n_groups)
+        if n_groups is None:
+            n_groups = int(labels.max()) + 1
+        return labels, n_groups
+
+    def _init_groups(self) -> int | None:
+        """G from the leading axis of the init arrays (they must agree), or None."""
         n_groups = None
         for name in ("weights_init", "means_init", "precisions_init"):
             value = getattr(self, name)
@@ -310,10 +343,7 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
                         f"init arrays; got shape {shape}"
                     )
                 n_groups = shape[0]
-        labels = check_labels(y, n_samples, device, n_groups)
-        if n_groups is None:
-            n_groups = int(labels.max()) + 1
-        return labels, n_groups
+        return n_groups
 
     def _set_fitted(self, run, kind, D, device, dtype, backend):
         super()._set_fitted(run, kind, D, device, dtype, backend)
@@ -334,6 +364,30 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
         self : BatchedGaussianMixture
         """
         self._fit(X, y)
+        return self
+
+    def fit_stream(self, data: Any) -> "BatchedGaussianMixture":
+        """Fit every group's mixture by streaming EM from re-iterable ``(X, y)`` batches.
+
+        One pass over the batches per EM iteration; each batch is scored under the
+        mixtures of the groups it holds only. Exact EM: the in-memory :meth:`fit` result on
+        the same data, to round-off. See :meth:`GaussianMixture.fit_stream` for the
+        initialisation. Batches that hold few groups each (e.g. sorted by class) are
+        cheapest when the mixtures are large.
+
+        Parameters
+        ----------
+        data : iterable or callable
+            Re-iterable batches ``(X, y)``: ``X`` of shape (batch, n_features), ``y`` group
+            labels of shape (batch,); or a callable returning a fresh iterable.
+
+        Returns
+        -------
+        self : BatchedGaussianMixture
+        """
+        from idefender_gpu.mixture._stream import fit_stream
+
+        fit_stream(self, data)
         return self
 
     def fit_predict(self, X: Any, y: Any) -> Any:

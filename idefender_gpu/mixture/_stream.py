@@ -1,0 +1,280 @@
+"""Streaming EM: fit from batches that are re-read on every pass (private).
+
+Exact EM, one pass over the data per iteration: each batch is scored under the current
+parameters of the groups it holds, and its sufficient statistics, centred on the current
+means (:func:`idefender_gpu.kernels.shifted_statistics`), are added to per-group totals;
+the M-step turns the totals into the new parameters. The samples are never all in
+memory, and the result equals the in-memory fit on the same data (to round-off).
+
+Initialisation from the stream: a first pass validates the batches, counts each group's
+samples and keeps a uniform sample of at most ``RESERVOIR_SIZE(K)`` rows per group (a
+bottom-k sketch of random keys). ``random_from_data`` and ``k-means++`` pick their seeds
+in that sample; ``kmeans`` seeds k-means++ on it, then runs Lloyd passes over the stream;
+``random`` draws random responsibilities during one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from idefender_gpu import kernels
+from idefender_gpu._validation import ArrayKind, check_array, check_labels
+from idefender_gpu.mixture._kmeans import _sq_dist, kmeans_plusplus
+
+
+def reservoir_size(n_components: int) -> int:
+    """Rows kept per group for seeding: ``max(256, 20 K)``."""
+    return max(256, 20 * n_components)
+
+
+def _unique_groups(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Groups present in a batch, each sample's index among them and row in its group."""
+    present, local = torch.unique(y, return_inverse=True)
+    counts = torch.bincount(local, minlength=present.shape[0])
+    order = torch.argsort(local, stable=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    rows = torch.empty_like(local)
+    rows[order] = torch.arange(y.shape[0], device=y.device) - offsets[local[order]]
+    return present, local, rows, int(counts.max())
+
+
+def _layout(X: Tensor, local: Tensor, rows: Tensor, n_present: int, n_max: int) -> tuple[Tensor, Tensor]:
+    """``(u, n_max, D)`` samples of the present groups and their ``(u, n_max)`` 0/1 weights."""
+    Xp = X.new_zeros(n_present, n_max, X.shape[1])
+    Xp[local, rows] = X
+    weight = X.new_zeros(n_present, n_max)
+    weight[local, rows] = 1
+    return Xp, weight
+
+
+class StreamSource:
+    """Re-iterable batches of ``X`` or ``(X, y)`` as an EM data source.
+
+    Parameters
+    ----------
+    data : iterable or callable
+        Re-iterable batches (a DataLoader, a list), or a callable returning a fresh
+        iterable. Each batch is ``X``, ``(X,)`` or ``(X, y)``.
+    batched : bool
+        Whether ``y`` holds group labels (``BatchedGaussianMixture``); otherwise it is
+        ignored and every sample belongs to group 0.
+    n_components : int
+    n_groups : int or None
+        G when fixed by the init arrays, else ``max(y) + 1`` over the stream.
+    dtype, device
+        Compute dtype and device (``None``: from the first batch).
+    estimator_name : str
+    random_state_generator : callable
+        ``device -> torch.Generator`` from the estimator's ``random_state``; the reservoir's
+        random keys come from a generator derived from it.
+    memory_budget : int or None
+    """
+
+    def __init__(self, data, *, batched: bool, n_components: int, n_groups: int | None,
+                 dtype, device, estimator_name: str, random_state_generator: Callable,
+                 memory_budget: int | None) -> None:
+        if isinstance(data, Iterator):
+            raise TypeError(
+                "data must be re-iterable (a DataLoader, a list of batches, or a callable "
+                "returning an iterable): it is read once per EM iteration; got a one-shot "
+                f"iterator ({type(data).__name__})"
+            )
+        if not (callable(data) or isinstance(data, Iterable)):
+            raise TypeError(f"data must be an iterable of batches; got {type(data).__name__}")
+        self._data = data
+        self._batched = batched
+        self._n_groups = n_groups
+        self._name = estimator_name
+        self._budget = memory_budget
+        self.n_components = n_components
+        self.dtype, self.device = dtype, device
+        self.kind: ArrayKind | None = None
+        self.n_features: int | None = None
+        self._first_pass(random_state_generator)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Validated ``(X (B, D), y (B,))`` batches on the compute device and dtype."""
+        data = self._data() if callable(self._data) else self._data
+        for batch in data:
+            if isinstance(batch, (tuple, list)):
+                X, y = batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                X, y = batch, None
+            X_t, kind = check_array(X, dtype=self.dtype, device=self.device,
+                                    estimator_name=self._name, n_features=self.n_features)
+            if self.kind is None:
+                self.kind = kind
+            if self._batched:
+                y_t = check_labels(y, X_t.shape[0], X_t.device, self._n_groups)
+            else:
+                y_t = torch.zeros(X_t.shape[0], dtype=torch.int64, device=X_t.device)
+            if X_t.shape[0]:
+                yield X_t, y_t
+
+    def _first_pass(self, random_state_generator: Callable) -> None:
+        """Resolve dtype/device/D from the first batch; count groups; reservoir sample."""
+        from idefender_gpu._validation import resolve_device, resolve_dtype
+        from idefender_gpu.mixture._base import _peek
+
+        data = self._data() if callable(self._data) else self._data
+        first = next(iter(data), None)
+        if first is None:
+            raise ValueError("data must yield at least one batch; got an empty stream")
+        X0 = first[0] if isinstance(first, (tuple, list)) else first
+        raw, kind = _peek(X0)
+        self.dtype = resolve_dtype(self.dtype, raw)
+        self.device = resolve_device(self.device, raw, kind.numpy)
+        # The reservoir's keys come from a generator derived from random_state, so they do
+        # not repeat the draws of the initialisation that follows.
+        parent = random_state_generator(self.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=parent, device=self.device))
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        R = reservoir_size(self.n_components)
+        counts = keys = sample = None
+        for X, y in self.batches():
+            if self.n_features is None:
+                self.n_features = X.shape[1]
+            G = int(y.max()) + 1 if self._n_groups is None else self._n_groups
+            if counts is None or counts.shape[0] < G:  # grow per-group buffers
+                old = 0 if counts is None else counts.shape[0]
+                grow = G - old
+                new_counts = X.new_zeros(grow, dtype=torch.int64)
+                new_keys = X.new_full((grow, R), torch.inf)
+                new_sample = X.new_zeros(grow, R, X.shape[1])
+                counts = new_counts if counts is None else torch.cat([counts, new_counts])
+                keys = new_keys if keys is None else torch.cat([keys, new_keys])
+                sample = new_sample if sample is None else torch.cat([sample, new_sample])
+            counts += torch.bincount(y, minlength=counts.shape[0])
+            # bottom-R random keys per group: a uniform sample without replacement
+            present, local, rows, n_max = _unique_groups(y)
+            Xp, weight = _layout(X, local, rows, present.shape[0], n_max)
+            batch_keys = torch.rand(weight.shape, generator=self.generator, device=X.device,
+                                    dtype=X.dtype).masked_fill(weight == 0, torch.inf)
+            all_keys = torch.cat([keys[present], batch_keys], dim=1)  # (u, R + n_max)
+            all_rows = torch.cat([sample[present], Xp], dim=1)  # (u, R + n_max, D)
+            best = all_keys.topk(R, dim=1, largest=False).indices  # (u, R)
+            keys[present] = torch.gather(all_keys, 1, best)
+            sample[present] = torch.gather(all_rows, 1, best.unsqueeze(-1).expand(-1, -1, X.shape[1]))
+        if counts is None:
+            raise ValueError("data must yield at least one sample; got only empty batches")
+        if self._n_groups is None:
+            self._n_groups = counts.shape[0]
+        self.counts = counts.to(self.dtype)  # (G,)
+        self.sample = sample  # (G, R, D)
+        self.sample_weight = torch.isfinite(keys).to(self.dtype)  # (G, R)
+
+    # -- EM --------------------------------------------------------------------------------
+
+    def _accumulate(self, centres: Tensor, covariance_type: str, resp_of_batch) -> tuple:
+        """One pass: totals of :func:`kernels.shifted_statistics` and of ``log p(x)``."""
+        G, K, D = centres.shape
+        counts = centres.new_zeros(G, K)
+        first = centres.new_zeros(G, K, D)
+        second = centres.new_zeros((G, D, D) if covariance_type == "tied" else
+                                   (G, K, D, D) if covariance_type == "full" else (G, K, D))
+        log_lik = centres.new_zeros(G)
+        for X, y in self.batches():
+            present, local, rows, n_max = _unique_groups(y)
+            Xp, weight = _layout(X, local, rows, present.shape[0], n_max)
+            resp, log_prob_norm = resp_of_batch(Xp, weight, present)  # (u, n, K), (u, n) | None
+            resp = resp * weight.unsqueeze(-1)
+            c, f, s = kernels.shifted_statistics(Xp, resp, centres[present], covariance_type,
+                                                 memory_budget=self._budget)
+            counts.index_add_(0, present, c)
+            first.index_add_(0, present, f)
+            second.index_add_(0, present, s)
+            if log_prob_norm is not None:
+                log_lik.index_add_(0, present, torch.where(weight > 0, log_prob_norm, 0).sum(-1))
+        return counts, first, second, log_lik
+
+    def em_step(self, params, cfg):
+        """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``."""
+        from idefender_gpu.mixture._base import _finish_m_step
+
+        log_weights = params.weights.log()
+
+        def e_step(Xp, weight, present):
+            log_prob_norm, log_resp = kernels.estimate_log_prob_resp(
+                Xp, log_weights[present], params.means[present], params.prec_chol[present],
+                cfg.covariance_type, memory_budget=cfg.memory_budget,
+            )
+            return log_resp.exp(), log_prob_norm
+
+        counts, first, second, log_lik = self._accumulate(params.means, cfg.covariance_type, e_step)
+        stats = kernels.statistics_to_parameters(counts, first, second, params.means,
+                                                 cfg.reg_covar, cfg.covariance_type)
+        return (log_lik / self.counts, *_finish_m_step(*stats, cfg))
+
+    def initial_statistics(self, method: str, gen: torch.Generator, cfg) -> tuple[Tensor, Tensor, Tensor]:
+        """``(nk, means, covariances)`` of ``init_params`` computed from the stream."""
+        K = cfg.n_components
+        sample, weight = self.sample, self.sample_weight
+        G, R, D = sample.shape
+        n_valid = weight.sum(-1).long()  # (G,)
+        if method in ("random_from_data", "k-means++"):
+            if method == "k-means++":
+                seeds = kmeans_plusplus(sample, weight, n_valid, K, gen, cfg.memory_budget)
+            else:
+                keys = torch.rand(G, R, generator=gen, device=sample.device, dtype=sample.dtype)
+                seeds = keys.masked_fill(weight == 0, -1.0).topk(K, dim=-1).indices
+            resp = sample.new_zeros(G, R, K)
+            resp[torch.arange(G, device=sample.device).unsqueeze(-1), seeds,
+                 torch.arange(K, device=sample.device)] = 1
+            # One-hot responsibilities on the seeds only: the in-memory semantics.
+            return kernels.estimate_gaussian_parameters(sample, resp, cfg.reg_covar,
+                                                        cfg.covariance_type, memory_budget=cfg.memory_budget)
+        if method == "random":
+            centres = ((sample * weight.unsqueeze(-1)).sum(1) / n_valid.unsqueeze(-1)).unsqueeze(1)
+            centres = centres.expand(G, K, D).contiguous()
+
+            def random_resp(Xp, w, present):
+                resp = torch.rand(*Xp.shape[:2], K, generator=gen, device=Xp.device, dtype=Xp.dtype)
+                return resp / resp.sum(-1, keepdim=True), None
+
+            counts, first, second, _ = self._accumulate(centres, cfg.covariance_type, random_resp)
+            return kernels.statistics_to_parameters(counts, first, second, centres, cfg.reg_covar,
+                                                    cfg.covariance_type)
+        # kmeans: k-means++ on the reservoir, then Lloyd passes over the stream.
+        seeds = kmeans_plusplus(sample, weight, n_valid, K, gen, cfg.memory_budget)
+        centres = torch.gather(sample, 1, seeds.unsqueeze(-1).expand(-1, -1, D))  # (G, K, D)
+        mean = (sample * weight.unsqueeze(-1)).sum(1) / n_valid.unsqueeze(-1)
+        var = (((sample - mean.unsqueeze(1)).square() * weight.unsqueeze(-1)).sum(1)
+               / n_valid.unsqueeze(-1)).mean(-1)
+        threshold = 1e-4 * var  # scikit-learn's tolerance, from the sample's variance
+
+        def hard_resp(Xp, w, present, centres_now=None):
+            labels = _sq_dist(Xp, centres_now[present], cfg.memory_budget).argmin(-1)
+            return torch.nn.functional.one_hot(labels, K).to(Xp.dtype), None
+
+        for _ in range(300):
+            counts, first, _, _ = self._accumulate(
+                centres, "diag", lambda Xp, w, p: hard_resp(Xp, w, p, centres))
+            moved = torch.where(counts.unsqueeze(-1) > 0, first / counts.clamp_min(1).unsqueeze(-1), 0)
+            centres = centres + moved
+            if bool((moved.square().sum((-1, -2)) <= threshold).all()):
+                break
+        counts, first, second, _ = self._accumulate(
+            centres, cfg.covariance_type, lambda Xp, w, p: hard_resp(Xp, w, p, centres))
+        return kernels.statistics_to_parameters(counts, first, second, centres, cfg.reg_covar,
+                                                cfg.covariance_type)
+
+
+def fit_stream(estimator, data: Any) -> None:
+    """Fit ``estimator`` (a mixture) from re-iterable batches; see :class:`StreamSource`."""
+    from idefender_gpu.mixture._base import _make_generator
+
+    estimator._validate_hyperparameters()
+    n_groups = estimator._init_groups() if estimator._batched else 1
+    source = StreamSource(
+        data, batched=estimator._batched, n_components=estimator.n_components, n_groups=n_groups,
+        dtype=estimator.dtype, device=estimator.device, estimator_name=type(estimator).__name__,
+        random_state_generator=lambda device: _make_generator(estimator.random_state, device),
+        memory_budget=estimator.memory_budget,
+    )
+    estimator._fit_source(source, source.n_features, source.kind)
