@@ -67,6 +67,13 @@ def _chunks(n_rows: int, rows: int):
         yield slice(start, min(start + rows, n_rows))
 
 
+def _output(X: Tensor, G: int, K: int) -> Tensor:
+    """The ``(G, N, K)`` result, allocated once before the chunk loop: small per-chunk
+    results kept alive between large freed temporaries fragment the heap (peak RSS grew
+    to the unchunked size in ``tests/test_stream.py::test_memory_budget_bounds_peak_rss``)."""
+    return X.new_empty(G, X.shape[-2], K)
+
+
 # --------------------------------------------------------------------------------------
 # Log-densities
 # --------------------------------------------------------------------------------------
@@ -94,29 +101,28 @@ def _maha_full(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor
     else:
         prec_wide = prec_chol.permute(0, 2, 1, 3).reshape(G, D, K * D)  # (G, D, K*D)
         prec_wide = torch.cat([prec_wide, -mu_prec.reshape(G, 1, K * D)], dim=1)  # (G, D+1, K*D)
-    out = []
+    out = _output(X, G, K)  # (G, N, K)
     for sl in _chunks(X.shape[-2], rows):
         xc = X[..., sl, :]  # (G, c, D) or (c, D)
         x_aug = torch.cat([xc, xc.new_ones(*xc.shape[:-1], 1)], dim=-1)  # (..., c, D+1)
         y = x_aug @ prec_wide  # (G, c, K*D) or (c, G*K*D)
         y = y.square_() if in_place else y.square()
         if shared:
-            out.append(y.view(-1, G, K, D).sum(-1).permute(1, 0, 2))  # (G, c, K)
+            out[:, sl] = y.view(-1, G, K, D).sum(-1).permute(1, 0, 2)  # (G, c, K)
         else:
-            out.append(y.view(G, -1, K, D).sum(-1))  # (G, c, K)
-    return torch.cat(out, dim=1)  # (G, N, K)
+            out[:, sl] = y.view(G, -1, K, D).sum(-1)  # (G, c, K)
+    return out
 
 
 def _maha_tied(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
     """``‖x P - μ_k P‖²`` with one factor ``P (G, D, D)`` shared by the K components."""
     mu_prec = means @ prec_chol  # (G, K, D)
-    out = []
-    n_rows = X.shape[-2]
-    for sl in _chunks(n_rows, rows):
+    out = _output(X, *means.shape[:2])  # (G, N, K)
+    for sl in _chunks(X.shape[-2], rows):
         y = X[..., sl, :] @ prec_chol  # (G, c, D)
         diff = y.unsqueeze(-2) - mu_prec.unsqueeze(-3)  # (G, c, K, D)
-        out.append(diff.square().sum(-1))  # (G, c, K)
-    return torch.cat(out, dim=-2)  # (G, N, K)
+        out[:, sl] = diff.square().sum(-1)  # (G, c, K)
+    return out
 
 
 def _maha_diag(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
@@ -131,12 +137,12 @@ def _maha_diag(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor
     prec = prec_chol.square()  # (G, K, D)
     const = (mu.square() * prec).sum(-1).unsqueeze(-2)  # (G, 1, K)
     mu_prec = (mu * prec).mT  # (G, D, K)
-    out = []
+    out = _output(X, *means.shape[:2])  # (G, N, K)
     for sl in _chunks(X.shape[-2], rows):
         xc = X[..., sl, :] - centre  # (G, c, D)
         maha = torch.baddbmm(const, xc.square(), prec.mT)  # (G, c, K)
-        out.append(torch.baddbmm(maha, xc, mu_prec, alpha=-2))  # (G, c, K)
-    return torch.cat(out, dim=-2).clamp_min_(0)  # (G, N, K)
+        out[:, sl] = torch.baddbmm(maha, xc, mu_prec, alpha=-2).clamp_min(0)  # (G, c, K)
+    return out
 
 
 def _maha_spherical(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
@@ -145,13 +151,13 @@ def _maha_spherical(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> T
     mu = means - centre  # (G, K, D)
     prec = prec_chol.square().unsqueeze(-2)  # (G, 1, K)
     mu_sq = mu.square().sum(-1).unsqueeze(-2)  # (G, 1, K)
-    out = []
+    out = _output(X, *means.shape[:2])  # (G, N, K)
     for sl in _chunks(X.shape[-2], rows):
         xc = X[..., sl, :] - centre  # (G, c, D)
         x_sq = xc.square().sum(-1, keepdim=True)  # (G, c, 1)
         dist = torch.baddbmm(x_sq + mu_sq, xc, mu.mT, alpha=-2).clamp_min_(0)  # (G, c, K)
-        out.append(dist * prec)  # (G, c, K)
-    return torch.cat(out, dim=-2)  # (G, N, K)
+        out[:, sl] = dist * prec  # (G, c, K)
+    return out
 
 
 _MAHALANOBIS = {
@@ -206,10 +212,7 @@ def log_gaussian_prob(
     else:
         bytes_per_row = (2 * G * D + 2 * G * K) * itemsize
     rows = chunk_rows(X.shape[-2], bytes_per_row, memory_budget, X.device)
-    if X.shape[-2] == 0:
-        maha = X.new_zeros(G, 0, K)
-    else:
-        maha = _MAHALANOBIS[covariance_type](X, means, prec_chol, rows)  # (G, N, K)
+    maha = _MAHALANOBIS[covariance_type](X, means, prec_chol, rows)  # (G, N, K)
     log_det = log_det_prec_chol(prec_chol, covariance_type, D)  # (G, K) or (G,)
     if covariance_type == "tied":
         log_det = log_det.unsqueeze(-1)  # (G, 1)

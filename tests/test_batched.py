@@ -302,3 +302,38 @@ def test_keops_backend_fit_equals_dense_fit(covariance_type):
         np.testing.assert_allclose(getattr(lazy, name), getattr(dense, name), rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(lazy.score_samples(X, y), dense.score_samples(X, y), rtol=1e-10)
     np.testing.assert_allclose(lazy.score_samples(X), dense.score_samples(X), rtol=1e-10)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_group_blocks_and_storage_device_equal_one_block(block):
+    """Fitting G=5 independent mixtures ``block`` groups at a time, parameters kept on the
+    storage device, gives exactly the one-block fit; scoring gathers only the groups needed."""
+    X, y = make_blobs([150, 300, 80, 120, 60], 4, 2, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = BatchedGaussianMixture(2, init_params="random_from_data", random_state=0).fit(X, y)
+    common = dict(weights_init=ref.weights_, means_init=ref.means_ * 0.9,
+                  precisions_init=ref.precisions_, tol=1e-8, max_iter=30)
+    one = BatchedGaussianMixture(2, **common).fit(X, y)
+    blocked = BatchedGaussianMixture(2, group_block_size=block, storage_device="cpu", **common).fit(X, y)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "lower_bound_",
+                 "n_iter_", "converged_"):
+        np.testing.assert_array_equal(getattr(blocked, name), getattr(one, name))
+    for a, b in zip(blocked.lower_bounds_, one.lower_bounds_):
+        np.testing.assert_array_equal(a, b)
+    subset = y < 2  # a batch holding two of the five groups
+    np.testing.assert_array_equal(blocked.score_samples(X[subset], y[subset]),
+                                  one.score_samples(X[subset], y[subset]))
+    np.testing.assert_array_equal(blocked.predict_proba(X, y), one.predict_proba(X, y))
+    # (N, G) under every group: different GEMM shapes per block, so round-off only
+    np.testing.assert_allclose(blocked.score_samples(X), one.score_samples(X), rtol=1e-12)
+
+
+def test_group_blocks_are_validated():
+    X, y = make_blobs([50, 60], 2, 1, seed=0)
+    with pytest.raises(ValueError, match="group_block_size"):
+        BatchedGaussianMixture(1, group_block_size=0).fit(X, y)
+    with pytest.raises(ValueError, match="storage_device"):
+        BatchedGaussianMixture(1, storage_device="nope").fit(X, y)
+    with pytest.raises(ValueError, match="not supported by fit_stream"):
+        BatchedGaussianMixture(1, group_block_size=1).fit_stream([(X, y)])

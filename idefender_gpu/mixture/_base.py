@@ -66,6 +66,17 @@ class _Params:
     def astuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return (self.weights, self.means, self.covariances, self.prec_chol)
 
+    def take(self, groups: Tensor | slice) -> "_Params":
+        """The parameters of some groups (an index tensor or a slice)."""
+        return _Params(*(t[groups] for t in self.astuple()))
+
+    def to(self, device: torch.device) -> "_Params":
+        return _Params(*(t.to(device, non_blocking=True) for t in self.astuple()))
+
+    @staticmethod
+    def cat(blocks: "list[_Params]") -> "_Params":
+        return _Params(*(torch.cat(ts) for ts in zip(*(b.astuple() for b in blocks))))
+
 
 @dataclass(frozen=True)
 class _Groups:
@@ -117,6 +128,27 @@ def _group_layout(X: Tensor, y: Tensor, n_groups: int) -> tuple[_Groups, Tensor,
         weight = X.new_zeros(n_groups, n_max)
         weight[y, rows] = 1
     return _Groups(Xp, weight, counts.to(X.dtype)), y, rows
+
+
+def _present_groups(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Groups present in ``y``, each sample's index among them and its row in its group,
+    and the largest group count: the layout of only the groups a batch holds."""
+    present, local = torch.unique(y, return_inverse=True)
+    counts = torch.bincount(local, minlength=present.shape[0])
+    order = torch.argsort(local, stable=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    rows = torch.empty_like(local)
+    rows[order] = torch.arange(y.shape[0], device=y.device) - offsets[local[order]]
+    return present, local, rows, int(counts.max())
+
+
+def _padded(X: Tensor, local: Tensor, rows: Tensor, n_groups: int, n_max: int) -> tuple[Tensor, Tensor]:
+    """``(n_groups, n_max, D)`` samples at ``[local, rows]`` and their 0/1 weights."""
+    Xp = X.new_zeros(n_groups, n_max, X.shape[1])
+    Xp[local, rows] = X
+    weight = X.new_zeros(n_groups, n_max)
+    weight[local, rows] = 1
+    return Xp, weight
 
 
 def _make_generator(random_state: Any, device: torch.device) -> torch.Generator:
@@ -230,6 +262,12 @@ class _InMemory:
                                cfg.reg_covar, cfg.memory_budget)
         return (mean_log_prob, *_finish_m_step(*stats, cfg))
 
+    def block(self, start: int, stop: int, device: torch.device) -> "_InMemory":
+        """The groups ``[start, stop)`` on ``device``."""
+        g = self.groups
+        weight = None if g.weight is None else g.weight[start:stop].to(device)
+        return _InMemory(_Groups(g.X[start:stop].to(device), weight, g.counts[start:stop].to(device)))
+
     def initial_statistics(self, method: str, gen: torch.Generator, cfg: _Config):
         """``(nk, means, covariances)`` of the responsibilities ``init_params`` gives."""
         resp = _INITIAL_RESP[method](self.groups, cfg.n_components, gen, cfg.memory_budget)
@@ -245,6 +283,16 @@ class _Run:
     n_iter: Tensor  # (G,) int64
     converged: Tensor  # (G,) bool
     lower_bounds: list[Tensor]  # one (G,) tensor per iteration
+
+
+def _cat_runs(runs: "list[_Run]") -> "_Run":
+    """Concatenate the runs of consecutive blocks of groups."""
+    n_hist = max(len(r.lower_bounds) for r in runs)
+    history = []
+    for i in range(n_hist):  # a block that stopped early repeats its last lower bound
+        history.append(torch.cat([r.lower_bounds[min(i, len(r.lower_bounds) - 1)] for r in runs]))
+    return _Run(_Params.cat([r.params for r in runs]), torch.cat([r.lower_bound for r in runs]),
+                torch.cat([r.n_iter for r in runs]), torch.cat([r.converged for r in runs]), history)
 
 
 def _run_em(step, params: _Params, lower_bound: Tensor, cfg: _Config, verbose: int,
@@ -533,8 +581,10 @@ class _GaussianMixtureBase(_EstimatorParams):
         raw, kind = _peek(X)
         dtype = resolve_dtype(self.dtype, raw)
         device = resolve_device(self.device, raw, kind.numpy)
-        X_t, kind = check_array(X, dtype=dtype, device=device, estimator_name=type(self).__name__,
-                                ensure_min_samples=2)
+        # With a storage device the samples wait there and each block of groups moves to
+        # the compute device in turn.
+        X_t, kind = check_array(X, dtype=dtype, device=self._storage_device(device),
+                                estimator_name=type(self).__name__, ensure_min_samples=2)
         n_samples, D = X_t.shape
         if self.warm_start and self.__sklearn_is_fitted__() and D != self.n_features_in_:
             raise ValueError(
@@ -543,14 +593,30 @@ class _GaussianMixtureBase(_EstimatorParams):
             )
         y_t, G = self._labels_for_fit(y, n_samples, device, dtype, D)
         groups, y_t, rows = _group_layout(X_t, y_t, G)
-        self._fit_source(_InMemory(groups), D, kind)
+        self._fit_source(_InMemory(groups), D, kind, device)
         return groups, y_t, rows
 
-    def _fit_source(self, source, D: int, kind: ArrayKind) -> None:
+    # -- blocks of groups (overridden by BatchedGaussianMixture) ---------------------------
+
+    def _storage_device(self, device: torch.device) -> torch.device:
+        """Where fitted parameters (and, in memory, the samples) are kept."""
+        return device
+
+    def _group_block_size(self) -> int | None:
+        """At most this many groups on the compute device at once (None: all)."""
+        return None
+
+    def _blocks(self, n_groups: int) -> list[tuple[int, int]]:
+        size = self._group_block_size() or n_groups
+        return [(start, min(start + size, n_groups)) for start in range(0, n_groups, size)]
+
+    def _fit_source(self, source, D: int, kind: ArrayKind, device: torch.device | None = None) -> None:
         """Fit from a data source (in memory or streamed): checks, inits, EM; the fitted
         attributes are set only once everything succeeded."""
         counts = source.counts.long()
-        G, dtype, device = counts.shape[0], source.counts.dtype, source.counts.device
+        G, dtype = counts.shape[0], source.counts.dtype
+        device = source.counts.device if device is None else device
+        storage = self._storage_device(device)
         if self.warm_start and self.__sklearn_is_fitted__() and D != self.n_features_in_:
             raise ValueError(
                 f"X has {D} features, but {type(self).__name__} is expecting "
@@ -564,7 +630,7 @@ class _GaussianMixtureBase(_EstimatorParams):
                 "Expected n_samples >= n_components but got n_components = "
                 f"{self.n_components}, n_samples = {int(counts[g])}{where}"
             )
-        inits = self._checked_inits(G, D, dtype, device)
+        inits = self._checked_inits(G, D, dtype, storage)
         backend = resolve_backend(self.backend, D, self.n_components, self.covariance_type)
         cfg = _Config(self.n_components, self.covariance_type, float(self.tol),
                       float(self.reg_covar), int(self.max_iter), self.memory_budget, backend)
@@ -572,12 +638,26 @@ class _GaussianMixtureBase(_EstimatorParams):
         warm_params = warm_lb = None
         if self.warm_start and self.__sklearn_is_fitted__():
             state = self._state
-            if state.params.weights.shape[0] != G or state.params.weights.device != device \
+            if state.params.weights.shape[0] != G or state.device != device \
                     or state.params.weights.dtype != dtype:
                 raise ValueError("warm_start needs the same groups, dtype and device as the previous fit")
             warm_params, warm_lb = state.params, state.lower_bound
+        blocks = self._blocks(G)
         with torch.no_grad():
-            run = self._fit_groups(source, inits, cfg, gen, warm_params, warm_lb)
+            if len(blocks) == 1 and storage == device:
+                run = self._fit_groups(source, inits, cfg, gen, warm_params, warm_lb)
+            else:  # independent mixtures: one block of groups at a time on the compute device
+                runs = []
+                for start, stop in blocks:
+                    part = {k: None if v is None else v[start:stop].to(device) for k, v in inits.items()}
+                    warm_part = None if warm_params is None else warm_params.take(slice(start, stop)).to(device)
+                    warm_lb_part = None if warm_lb is None else warm_lb[start:stop].to(device)
+                    run = self._fit_groups(source.block(start, stop, device), part, cfg, gen,
+                                           warm_part, warm_lb_part)
+                    runs.append(_Run(run.params.to(storage), run.lower_bound.to(storage),
+                                     run.n_iter.to(storage), run.converged.to(storage),
+                                     [h.to(storage) for h in run.lower_bounds]))
+                run = _cat_runs(runs)
         # Everything succeeded: only now touch the fitted state.
         self._set_fitted(run, kind, D, device, dtype, backend)
         self._warn_not_converged(run)
@@ -694,9 +774,43 @@ class _GaussianMixtureBase(_EstimatorParams):
                                              memory_budget=self.memory_budget)
         return log_prob + params.weights.log().unsqueeze(-2)
 
+    def _device_blocks(self, state: "_FittedState", groups: Tensor | None = None):
+        """``(selector, params on the compute device)`` per block of groups: all groups, or
+        those in ``groups`` (an index tensor) only. Parameters kept on a storage device
+        move to the compute device one block at a time."""
+        G = state.params.weights.shape[0] if groups is None else groups.shape[0]
+        for start, stop in self._blocks(G):
+            part = slice(start, stop)
+            chosen = part if groups is None else groups[part].to(state.params.weights.device)
+            yield part, state.params.take(chosen).to(state.device)
+
     def _log_prob_norm(self, X: Tensor, state: "_FittedState") -> Tensor:
         """``log p(x)`` under every group, ``(G, N)``, with the fitted backend."""
-        return state.backend.log_prob_norm(X, state.params, self.covariance_type, self.memory_budget)
+        return torch.cat([
+            state.backend.log_prob_norm(X, params, self.covariance_type, self.memory_budget)
+            for _, params in self._device_blocks(state)
+        ])
+
+    def _own_group(self, X: Tensor, y: Tensor, state: "_FittedState", log_norm: bool) -> Tensor:
+        """Each sample under its own group's mixture only: ``log p(x | y)`` ``(N,)`` when
+        ``log_norm``, else the weighted component log-probabilities ``(N, K)``. Only the
+        groups present in ``y`` are laid out and their parameters gathered."""
+        present, local, rows, n_max = _present_groups(y)
+        out = None
+        for part, params in self._device_blocks(state, present):
+            chosen = (local >= part.start) & (local < part.stop)
+            Xp, _ = _padded(X[chosen], local[chosen] - part.start, rows[chosen],
+                            part.stop - part.start, n_max)
+            if log_norm:
+                values = state.backend.log_prob_norm(Xp, params, self.covariance_type,
+                                                     self.memory_budget)  # (u, n_max)
+            else:
+                values = self._weighted_log_prob(Xp, params)  # (u, n_max, K)
+            picked = values[local[chosen] - part.start, rows[chosen]]
+            if out is None:
+                out = picked.new_empty(X.shape[0], *picked.shape[1:])
+            out[chosen] = picked
+        return out
 
     def _n_parameters(self) -> int:
         """Free parameters of one mixture (scikit-learn's count)."""

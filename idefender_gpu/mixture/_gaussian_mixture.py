@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from idefender_gpu._validation import check_labels
-from idefender_gpu.mixture._base import _GaussianMixtureBase, _group_layout
+from numbers import Integral
+
+from idefender_gpu._validation import check_labels, check_scalar
+from idefender_gpu.mixture._base import _GaussianMixtureBase
 
 __all__ = ["BatchedGaussianMixture", "GaussianMixture"]
 
@@ -289,6 +291,15 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
         )
         + """
 
+    group_block_size : int, default=None
+        Fit (and score) at most this many groups' mixtures at once on the compute device:
+        the mixtures are independent, so blocks give the same result. For when all
+        ``G * K * D * D`` parameters do not fit on the device. None: all groups at once.
+    storage_device : str or torch.device, default=None
+        Where the samples wait during ``fit`` and where the fitted parameters are kept
+        (e.g. ``"cpu"`` while computing on ``"cuda"``); scoring moves only the groups a
+        batch needs, one block at a time. None: the compute device.
+
     Attributes
     ----------
     n_groups_ : int
@@ -320,6 +331,58 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
     )
 
     _batched = True
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        device: Any = None,
+        dtype: Any = None,
+        backend: str = "auto",
+        memory_budget: int | None = None,
+        group_block_size: int | None = None,
+        storage_device: Any = None,
+    ) -> None:
+        super().__init__(
+            n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
+            max_iter=max_iter, n_init=n_init, init_params=init_params, weights_init=weights_init,
+            means_init=means_init, precisions_init=precisions_init, random_state=random_state,
+            warm_start=warm_start, verbose=verbose, verbose_interval=verbose_interval,
+            device=device, dtype=dtype, backend=backend, memory_budget=memory_budget,
+        )
+        self.group_block_size = group_block_size
+        self.storage_device = storage_device
+
+    def _validate_hyperparameters(self) -> None:
+        super()._validate_hyperparameters()
+        if self.group_block_size is not None:
+            check_scalar(self.group_block_size, "group_block_size", Integral, 1)
+        if self.storage_device is not None:
+            try:
+                torch.device(self.storage_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"storage_device must be a torch device or its name; got {self.storage_device!r}"
+                ) from None
+
+    def _storage_device(self, device: torch.device) -> torch.device:
+        return device if self.storage_device is None else torch.device(self.storage_device)
+
+    def _group_block_size(self) -> int | None:
+        return self.group_block_size
 
     def _labels_for_fit(self, y, n_samples, device, dtype, D):
         n_groups = self._init_groups()
@@ -392,19 +455,15 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
 
     def fit_predict(self, X: Any, y: Any) -> Any:
         """Fit, then return each sample's most probable component within its group."""
-        groups, y_t, rows = self._fit(X, y)
-        state = self._state
-        labels = self._weighted_log_prob(groups.X, state.params).argmax(-1)[y_t, rows]
-        return state.kind.out(labels)
+        self._fit(X, y)
+        return self.predict(X, y)
 
     def _own_group_log_prob(self, X: Any, y: Any) -> tuple[Tensor, Any]:
         """``(N, K)`` weighted log-probabilities of each sample under its group's mixture."""
         state = self._check_is_fitted()
         X_t, kind = self._check_X(X, state)
         y_t = check_labels(y, X_t.shape[0], state.device, self.n_groups_)
-        groups, y_t, rows = _group_layout(X_t, y_t, self.n_groups_)
-        weighted = self._weighted_log_prob(groups.X, state.params)  # (G, N_max, K)
-        return weighted[y_t, rows], kind
+        return self._own_group(X_t, y_t, state, log_norm=False), kind
 
     def score_samples(self, X: Any, y: Any = None) -> Any:
         """Log-likelihood of each sample under its group's mixture, or under every group.
@@ -433,8 +492,7 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
     def _own_group_log_prob_norm(self, X_t: Tensor, y: Any, state) -> Tensor:
         """``log p(x | its group)`` ``(N,)``: each group scores only its own samples."""
         y_t = check_labels(y, X_t.shape[0], state.device, self.n_groups_)
-        groups, y_t, rows = _group_layout(X_t, y_t, self.n_groups_)
-        return self._log_prob_norm(groups.X, state)[y_t, rows]
+        return self._own_group(X_t, y_t, state, log_norm=True)
 
     def predict(self, X: Any, y: Any) -> Any:
         """Most probable component of each sample within its group's mixture."""

@@ -21,12 +21,12 @@ def _sq_dist(X: Tensor, centers: Tensor, memory_budget: int | None) -> Tensor:
     T = centers.shape[1]
     c_sq = centers.square().sum(-1).unsqueeze(-2)  # (G, 1, T)
     rows = chunk_rows(N, 2 * G * (T + D) * X.element_size(), memory_budget, X.device)
-    out = []
+    out = X.new_empty(G, N, T)  # allocated once: see kernels._dense._output
     for start in range(0, N, rows):
         xc = X[:, start : start + rows]  # (G, c, D)
         x_sq = xc.square().sum(-1, keepdim=True)  # (G, c, 1)
-        out.append(torch.baddbmm(x_sq + c_sq, xc, centers.mT, alpha=-2).clamp_min_(0))
-    return torch.cat(out, dim=1)  # (G, N, T)
+        out[:, start : start + rows] = torch.baddbmm(x_sq + c_sq, xc, centers.mT, alpha=-2).clamp_min_(0)
+    return out  # (G, N, T)
 
 
 def _gather_rows(X: Tensor, index: Tensor) -> Tensor:

@@ -22,32 +22,13 @@ from torch import Tensor
 
 from idefender_gpu import kernels
 from idefender_gpu._validation import ArrayKind, check_array, check_labels
+from idefender_gpu.mixture._base import _finish_m_step, _padded, _present_groups
 from idefender_gpu.mixture._kmeans import _sq_dist, kmeans_plusplus
 
 
 def reservoir_size(n_components: int) -> int:
     """Rows kept per group for seeding: ``max(256, 20 K)``."""
     return max(256, 20 * n_components)
-
-
-def _unique_groups(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Groups present in a batch, each sample's index among them and row in its group."""
-    present, local = torch.unique(y, return_inverse=True)
-    counts = torch.bincount(local, minlength=present.shape[0])
-    order = torch.argsort(local, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
-    rows = torch.empty_like(local)
-    rows[order] = torch.arange(y.shape[0], device=y.device) - offsets[local[order]]
-    return present, local, rows, int(counts.max())
-
-
-def _layout(X: Tensor, local: Tensor, rows: Tensor, n_present: int, n_max: int) -> tuple[Tensor, Tensor]:
-    """``(u, n_max, D)`` samples of the present groups and their ``(u, n_max)`` 0/1 weights."""
-    Xp = X.new_zeros(n_present, n_max, X.shape[1])
-    Xp[local, rows] = X
-    weight = X.new_zeros(n_present, n_max)
-    weight[local, rows] = 1
-    return Xp, weight
 
 
 class StreamSource:
@@ -152,8 +133,8 @@ class StreamSource:
                 sample = new_sample if sample is None else torch.cat([sample, new_sample])
             counts += torch.bincount(y, minlength=counts.shape[0])
             # bottom-R random keys per group: a uniform sample without replacement
-            present, local, rows, n_max = _unique_groups(y)
-            Xp, weight = _layout(X, local, rows, present.shape[0], n_max)
+            present, local, rows, n_max = _present_groups(y)
+            Xp, weight = _padded(X, local, rows, present.shape[0], n_max)
             batch_keys = torch.rand(weight.shape, generator=self.generator, device=X.device,
                                     dtype=X.dtype).masked_fill(weight == 0, torch.inf)
             all_keys = torch.cat([keys[present], batch_keys], dim=1)  # (u, R + n_max)
@@ -171,6 +152,12 @@ class StreamSource:
 
     # -- EM --------------------------------------------------------------------------------
 
+    def block(self, start: int, stop: int, device):
+        raise ValueError(
+            "group_block_size and storage_device are not supported by fit_stream yet: each "
+            "block would re-read the whole stream; fit in memory or leave them as None"
+        )
+
     def _accumulate(self, centres: Tensor, covariance_type: str, resp_of_batch) -> tuple:
         """One pass: totals of :func:`kernels.shifted_statistics` and of ``log p(x)``."""
         G, K, D = centres.shape
@@ -180,8 +167,8 @@ class StreamSource:
                                    (G, K, D, D) if covariance_type == "full" else (G, K, D))
         log_lik = centres.new_zeros(G)
         for X, y in self.batches():
-            present, local, rows, n_max = _unique_groups(y)
-            Xp, weight = _layout(X, local, rows, present.shape[0], n_max)
+            present, local, rows, n_max = _present_groups(y)
+            Xp, weight = _padded(X, local, rows, present.shape[0], n_max)
             resp, log_prob_norm = resp_of_batch(Xp, weight, present)  # (u, n, K), (u, n) | None
             resp = resp * weight.unsqueeze(-1)
             c, f, s = kernels.shifted_statistics(Xp, resp, centres[present], covariance_type,
@@ -195,8 +182,6 @@ class StreamSource:
 
     def em_step(self, params, cfg):
         """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``."""
-        from idefender_gpu.mixture._base import _finish_m_step
-
         log_weights = params.weights.log()
 
         def e_step(Xp, weight, present):
