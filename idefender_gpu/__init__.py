@@ -8,6 +8,12 @@ idefender_gpu.mixture
 idefender_gpu.kernels
     Pure tensor math: Gaussian log-densities from precision Cholesky factors,
     responsibilities, sufficient statistics, chunked under a memory budget.
+idefender_gpu.features
+    Hidden-state capture from any ``nn.Module`` by forward hooks, over a DataLoader.
+idefender_gpu.detector
+    ``IDefender`` and the ``MahalanobisDetector`` baseline (also importable from here).
+idefender_gpu.metrics
+    ROC curve, ROC AUC and TPR at a fixed FPR on tensors.
 """
 
 from idefender_gpu.exceptions import (
@@ -16,11 +22,14 @@ from idefender_gpu.exceptions import (
     NotPSDError,
     NumericalWarning,
 )
+from idefender_gpu.detector import IDefender, MahalanobisDetector
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",
+    "IDefender",
+    "MahalanobisDetector",
     "NotFittedError",
     "NotPSDError",
     "NumericalWarning",
