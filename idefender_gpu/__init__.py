@@ -14,6 +14,9 @@ idefender_gpu.detector
     ``IDefender`` and the ``MahalanobisDetector`` baseline (also importable from here).
 idefender_gpu.metrics
     ROC curve, ROC AUC and TPR at a fixed FPR on tensors.
+idefender_gpu.distributed
+    ``data_parallel()``: under ``torchrun``, the mixture fits (in memory and streaming)
+    and ``IDefender.fit`` run data-parallel on ``torch.distributed``, one shard per rank.
 """
 
 from idefender_gpu.exceptions import (

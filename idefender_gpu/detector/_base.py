@@ -13,6 +13,7 @@ goes into a detector file, and the class a sample is scored under.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from numbers import Integral, Real
 from typing import Any, Iterable, Sequence
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from idefender_gpu._validation import resolve_dtype
 from idefender_gpu.detector import _io
 from idefender_gpu.detector._densities import DENSITIES, _check_tensor
+from idefender_gpu.distributed import current as current_data_parallel
 from idefender_gpu.exceptions import NotFittedError
 from idefender_gpu.features import (
     HiddenStateHooks,
@@ -37,6 +39,11 @@ from idefender_gpu.features import (
 __all__ = ["_DetectorBase", "class_thresholds"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Densities whose fit is data-parallel inside ``idefender_gpu.distributed.data_parallel``
+#: (their per-layer fit is a ``BatchedGaussianMixture`` fit).
+_DATA_PARALLEL_DENSITIES = ("class_mixtures",)
+#: Input dimensions compared across ranks (with the number of elements).
+_SHAPE_DIMS = 6
 
 
 # --------------------------------------------------------------------------------------
@@ -214,25 +221,55 @@ class _DetectorBase:
     # -- data --------------------------------------------------------------------------
 
     def _labelled_states(self, loader: Iterable, specs, n_classes: int | None, what: str):
-        """Hidden states, labels, number of classes and input shape of a labelled loader."""
-        collected = _collect(self.model, loader, specs, progress=self.progress, desc=f"{what}: hidden states")
-        if collected.labels is None:
-            raise ValueError(f"loader must yield (inputs, labels) pairs to {what} a detector; got inputs only")
-        if n_classes is None:
-            if collected.n_outputs is None:
+        """Hidden states, labels, number of classes and input shape of a labelled loader.
+
+        Inside ``data_parallel`` the loader is this rank's shard: an error on any rank is
+        raised on every rank, and the per-class counts are those of all ranks.
+        """
+        setting = current_data_parallel()
+
+        def collect():
+            collected = _collect(self.model, loader, specs, progress=self.progress,
+                                 desc=f"{what}: hidden states")
+            if collected.labels is None:
+                raise ValueError(f"loader must yield (inputs, labels) pairs to {what} a detector; got inputs only")
+            n_out = n_classes
+            if n_out is None:
+                if collected.n_outputs is None:
+                    raise ValueError(
+                        "model must return logits of shape (B, n_classes) to be guarded by a detector; "
+                        "got another output"
+                    )
+                n_out = collected.n_outputs
+            low, high = (int(v) for v in torch.aminmax(collected.labels))
+            if low < 0 or high >= n_out:
                 raise ValueError(
-                    "model must return logits of shape (B, n_classes) to be guarded by a detector; "
-                    "got another output"
+                    f"loader labels must be class labels in [0, n_classes) = [0, {n_out}) (n_classes "
+                    f"is the width of the model's output); got label {low if low < 0 else high}"
                 )
-            n_classes = collected.n_outputs
+            shape = list(collected.input_shape[:_SHAPE_DIMS])
+            shape += [0] * (_SHAPE_DIMS - len(shape))
+            numel = int(torch.Size(collected.input_shape).numel())
+            return [n_out, len(collected.input_shape), numel, *shape], (collected, n_out)
+
+        if setting is None:
+            collected, n_classes = collect()[1]
+            counts = torch.bincount(collected.labels, minlength=n_classes)
+        else:
+            (collected, n_classes), table = setting.exchange(collect, 3 + _SHAPE_DIMS,
+                                                             f"collecting the hidden states to {what}")
+            if any(row != table[0] for row in table):
+                got = ", ".join(f"{row[0]} classes and per-sample input shape {tuple(row[3:3 + row[1]])}"
+                                f" on rank {r}" for r, row in enumerate(table))
+                raise ValueError(
+                    "loader inputs must have the same per-sample shape, and the model the same "
+                    f"number of classes, on every rank of a data-parallel fit; got {got}"
+                )
+            (counts,) = setting.sum_parts(
+                lambda: [torch.bincount(collected.labels, minlength=n_classes)], [(n_classes,)],
+                torch.int64, collected.labels.device, "counting the samples of each class")
         labels = collected.labels
-        low, high = (int(v) for v in torch.aminmax(labels))
-        if low < 0 or high >= n_classes:
-            raise ValueError(
-                f"loader labels must be class labels in [0, n_classes) = [0, {n_classes}) (n_classes "
-                f"is the width of the model's output); got label {low if low < 0 else high}"
-            )
-        counts = torch.bincount(labels, minlength=n_classes).tolist()
+        counts = counts.tolist()
         need = self._min_per_class() if what == "fit" else 1
         short = [c for c, n in enumerate(counts) if n < need]
         if short:
@@ -243,6 +280,17 @@ class _DetectorBase:
                 + (f" ({len(short)} classes short)" if len(short) > 1 else "")
             )
         return collected.states, labels, n_classes, collected.input_shape
+
+    @staticmethod
+    def _thresholds(scores: Tensor, labels: Tensor, n_classes: int, keep: float) -> Tensor:
+        """:func:`class_thresholds`; inside ``data_parallel`` over the scores of every rank
+        (one score and one label per sample are gathered: the thresholds are exact
+        per-class order statistics)."""
+        setting = current_data_parallel()
+        if setting is not None:
+            scores = setting.gather_rows(scores, "gathering the training scores")
+            labels = setting.gather_rows(labels, "gathering the training labels")
+        return class_thresholds(scores, labels, n_classes, keep)
 
     def _true_class_scores(self, states: dict[str, Tensor], labels: Tensor) -> Tensor:
         """``log p(H(x) | y)`` of collected states under their labels, ``(N,)``, no graph."""
@@ -289,8 +337,24 @@ class _DetectorBase:
         -----
         The hidden states of the whole loader are held on the model's device during the
         fit (``N × Σ_layers D`` values).
+
+        Inside :func:`idefender_gpu.distributed.data_parallel` (under ``torchrun``), the
+        loader is this rank's shard (e.g. with a ``DistributedSampler``): each layer's
+        mixtures are fitted data-parallel, the thresholds come from the scores of all
+        ranks, and every rank ends with the same detector, whatever the number of ranks.
+        With ``n_components=1`` it is the single-process detector to round-off; with more
+        components the ``'kmeans'`` initialisation seeds from a sample gathered across
+        ranks (see :mod:`idefender_gpu.distributed`), so EM may reach another local
+        optimum than a single-process fit. Call :meth:`save` inside the same block: rank 0
+        writes the file.
         """
         specs = self._validate()
+        setting = current_data_parallel()
+        if setting is not None and self._density_name not in _DATA_PARALLEL_DENSITIES:
+            raise NotImplementedError(
+                f"{type(self).__name__}.fit is not data-parallel yet: fit it in one process, "
+                "outside idefender_gpu.distributed.data_parallel"
+            )
         states, labels, n_classes, input_shape = self._labelled_states(loader, specs, None, "fit")
         first = next(iter(states.values()))
         dtype = resolve_dtype(self.dtype, first)
@@ -298,11 +362,12 @@ class _DetectorBase:
         density_cls = DENSITIES[self._density_name]
         states = {spec: H.to(dtype) for spec, H in states.items()}
         # A loop over layers (different D), never over classes: one batched fit per layer.
+        # Inside data_parallel each fit is data-parallel over the ranks' hidden states.
         densities = {spec: density_cls.fit(H, labels, n_classes, options) for spec, H in states.items()}
-        with torch.no_grad():
+        with setting.guard("scoring its training data") if setting else nullcontext(), torch.no_grad():
             log_density = _sum_log_density(densities, states, self.memory_budget)  # (N, C)
-        scores = log_density.gather(1, labels.unsqueeze(1)).squeeze(1)  # (N,)
-        thresholds = class_thresholds(scores, labels, n_classes, float(self.keep))
+            scores = log_density.gather(1, labels.unsqueeze(1)).squeeze(1)  # (N,)
+        thresholds = self._thresholds(scores, labels, n_classes, float(self.keep))
         # Everything succeeded: only now touch the fitted state.
         self._set_fitted(specs, densities, n_classes, input_shape, thresholds, self.keep)
         return self
@@ -332,8 +397,10 @@ class _DetectorBase:
                 f"loader inputs must have the per-sample shape {self.input_shape_} the detector was "
                 f"fitted on; got {input_shape}"
             )
-        scores = self._true_class_scores(states, labels)
-        self.thresholds_ = class_thresholds(scores, labels, self.n_classes_, float(keep))
+        setting = current_data_parallel()
+        with setting.guard("scoring its calibration data") if setting else nullcontext():
+            scores = self._true_class_scores(states, labels)
+        self.thresholds_ = self._thresholds(scores, labels, self.n_classes_, float(keep))
         self.keep = self.keep_ = float(keep)
         return self
 
@@ -465,6 +532,9 @@ class _DetectorBase:
     def save(self, path: Any) -> None:
         """Write the fitted detector to one safetensors file (tensors + JSON config + digest).
 
+        Inside :func:`idefender_gpu.distributed.data_parallel` only rank 0 writes (every
+        rank holds the same detector); the other ranks wait for it, and raise if it fails.
+
         Parameters
         ----------
         path : str or os.PathLike
@@ -487,7 +557,13 @@ class _DetectorBase:
         for index, spec in enumerate(self.layers_):
             for name, tensor in self._densities[spec].tensors().items():
                 tensors[f"layers.{index}.{name}"] = tensor
-        _io.write_detector_file(path, config, tensors)
+        setting = current_data_parallel()
+        if setting is None:
+            _io.write_detector_file(path, config, tensors)
+            return
+        with setting.guard("saving the detector"):
+            if setting.rank == 0:
+                _io.write_detector_file(path, config, tensors)
 
     @classmethod
     def load(cls, path: Any, model: nn.Module) -> "_DetectorBase":

@@ -32,6 +32,7 @@ from idefender_gpu._validation import (
     resolve_device,
     resolve_dtype,
 )
+from idefender_gpu.distributed import current as current_data_parallel
 from idefender_gpu.exceptions import ConvergenceWarning, NotFittedError
 from idefender_gpu.mixture._backends import BACKEND_NAMES, DenseEM, resolve_backend
 from idefender_gpu.mixture._kmeans import kmeans_lloyd, kmeans_plusplus
@@ -151,8 +152,9 @@ def _padded(X: Tensor, local: Tensor, rows: Tensor, n_groups: int, n_max: int) -
     return Xp, weight
 
 
-def _make_generator(random_state: Any, device: torch.device) -> torch.Generator:
-    """A torch generator on ``device`` from an int, None, NumPy RandomState/Generator or torch Generator."""
+def _seed_of(random_state: Any) -> int:
+    """The seed ``random_state`` gives: an int, None (fresh entropy), NumPy RandomState/Generator
+    or torch Generator (the last three are advanced by one draw)."""
     if random_state is None:
         seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
     elif isinstance(random_state, (Integral, np.integer)) and not isinstance(random_state, bool):
@@ -168,8 +170,13 @@ def _make_generator(random_state: Any, device: torch.device) -> torch.Generator:
             "random_state must be None, an int, a numpy.random.RandomState or Generator, "
             f"or a torch.Generator; got {type(random_state).__name__}"
         )
+    return seed
+
+
+def _make_generator(random_state: Any, device: torch.device) -> torch.Generator:
+    """A torch generator on ``device`` seeded by :func:`_seed_of`."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(_seed_of(random_state))
     return generator
 
 
@@ -246,7 +253,15 @@ def _finish_m_step(nk: Tensor, means: Tensor, covariances: Tensor,
 
 
 class _InMemory:
-    """Samples held in memory in the padded group layout; one E+M step per call."""
+    """Samples held in memory in the padded group layout; one E+M step per call.
+
+    A data source gives the driver ``counts``, ``em_step``, ``initial_statistics``,
+    ``block``, ``make_generator`` (the initialisation's generator) and ``check_info``
+    (raises for a failed step); see also ``StreamSource`` and the data-parallel source.
+    """
+
+    make_generator = staticmethod(_make_generator)
+    check_info = staticmethod(kernels.check_cholesky_info)
 
     def __init__(self, groups: _Groups) -> None:
         self.groups = groups
@@ -296,11 +311,13 @@ def _cat_runs(runs: "list[_Run]") -> "_Run":
 
 
 def _run_em(step, params: _Params, lower_bound: Tensor, cfg: _Config, verbose: int,
-            verbose_interval: int) -> _Run:
+            verbose_interval: int, check_info=kernels.check_cholesky_info) -> _Run:
     """EM iterations for all groups at once until each converges or ``max_iter``.
 
     ``step(params, cfg)`` returns the mean log-likelihood ``(G,)`` under ``params``, the
-    next parameters and their Cholesky ``info`` (one pass over the data).
+    next parameters and their Cholesky ``info`` (one pass over the data). When ``info`` of
+    an active group is non-zero, ``check_info(info, covariance_type, dtype, failed)``
+    raises (the data source's; a data-parallel step also flags a failed rank there).
     """
     G = params.weights.shape[0]
     device = params.weights.device
@@ -322,7 +339,7 @@ def _run_em(step, params: _Params, lower_bound: Tensor, cfg: _Config, verbose: i
         active = active & ~now_converged
         any_failed, any_active = torch.stack([failed.any(), active.any()]).tolist()  # one sync
         if any_failed:
-            kernels.check_cholesky_info(info, cfg.covariance_type, lower_bound.dtype, failed)
+            check_info(info, cfg.covariance_type, lower_bound.dtype, failed)
         if verbose and it % verbose_interval == 0:
             toc = time.perf_counter()
             logger.info("  Iteration %d\t time lapse %.5fs\t active groups %d", it, toc - tic,
@@ -541,7 +558,6 @@ class _GaussianMixtureBase(_EstimatorParams):
     def _fit_groups(self, source, inits: dict, cfg: _Config, gen: torch.Generator,
                     warm: "_Params | None", warm_lower_bound: Tensor | None) -> _Run:
         """All ``n_init`` runs; per group, the run with the largest lower bound wins."""
-        G = source.counts.shape[0]
         n_init = 1 if warm is not None else self.n_init
         best: _Run | None = None
         for init in range(n_init):
@@ -552,7 +568,8 @@ class _GaussianMixtureBase(_EstimatorParams):
             else:
                 params = self._initial_params(source, inits, cfg, gen)
                 lower_bound = torch.full_like(source.counts, -torch.inf)
-            run = _run_em(source.em_step, params, lower_bound, cfg, self.verbose, self.verbose_interval)
+            run = _run_em(source.em_step, params, lower_bound, cfg, self.verbose, self.verbose_interval,
+                          source.check_info)
             if cfg.max_iter == 0:
                 run.lower_bound = torch.full_like(lower_bound, -torch.inf)
             if best is None:
@@ -576,8 +593,15 @@ class _GaussianMixtureBase(_EstimatorParams):
         """Validate, fit, and set the fitted attributes only once everything succeeded.
 
         Returns the group layout and each sample's (group, row) for a final E-step.
+        Inside :func:`idefender_gpu.distributed.data_parallel`, ``X`` and ``y`` are this
+        rank's shard and the fit is data-parallel.
         """
         self._validate_hyperparameters()
+        setting = current_data_parallel()
+        if setting is not None:
+            from idefender_gpu.mixture._distributed import fit_shard
+
+            return fit_shard(self, X, y, setting)
         raw, kind = _peek(X)
         dtype = resolve_dtype(self.dtype, raw)
         device = resolve_device(self.device, raw, kind.numpy)
@@ -634,7 +658,7 @@ class _GaussianMixtureBase(_EstimatorParams):
         backend = resolve_backend(self.backend, D, self.n_components, self.covariance_type)
         cfg = _Config(self.n_components, self.covariance_type, float(self.tol),
                       float(self.reg_covar), int(self.max_iter), self.memory_budget, backend)
-        gen = _make_generator(self.random_state, device)
+        gen = source.make_generator(self.random_state, device)
         warm_params = warm_lb = None
         if self.warm_start and self.__sklearn_is_fitted__():
             state = self._state

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from idefender_gpu import kernels
 from idefender_gpu._validation import ArrayKind, check_array, check_labels
-from idefender_gpu.mixture._base import _finish_m_step, _padded, _present_groups
+from idefender_gpu.mixture._base import _finish_m_step, _make_generator, _padded, _present_groups
 from idefender_gpu.mixture._kmeans import _sq_dist, kmeans_plusplus
 
 
@@ -52,11 +52,18 @@ class StreamSource:
         ``device -> torch.Generator`` from the estimator's ``random_state``; the reservoir's
         random keys come from a generator derived from it.
     memory_budget : int or None
+    row_keys : callable, optional
+        ``Xp (u, n, D) -> (u, n)`` int64 keys of the rows; the reservoir keeps the rows with
+        the smallest keys. Default: random keys from the generator (the data-parallel fit
+        passes a hash of each row's values, the same whichever rank holds the row).
     """
+
+    make_generator = staticmethod(_make_generator)
+    check_info = staticmethod(kernels.check_cholesky_info)
 
     def __init__(self, data, *, batched: bool, n_components: int, n_groups: int | None,
                  dtype, device, estimator_name: str, random_state_generator: Callable,
-                 memory_budget: int | None) -> None:
+                 memory_budget: int | None, row_keys: Callable | None = None) -> None:
         if isinstance(data, Iterator):
             raise TypeError(
                 "data must be re-iterable (a DataLoader, a list of batches, or a callable "
@@ -70,6 +77,7 @@ class StreamSource:
         self._n_groups = n_groups
         self._name = estimator_name
         self._budget = memory_budget
+        self._row_keys = row_keys
         self.n_components = n_components
         self.dtype, self.device = dtype, device
         self.kind: ArrayKind | None = None
@@ -117,6 +125,7 @@ class StreamSource:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         R = reservoir_size(self.n_components)
+        no_key = torch.inf if self._row_keys is None else torch.iinfo(torch.int64).max
         counts = keys = sample = None
         for X, y in self.batches():
             if self.n_features is None:
@@ -126,7 +135,8 @@ class StreamSource:
                 old = 0 if counts is None else counts.shape[0]
                 grow = G - old
                 new_counts = X.new_zeros(grow, dtype=torch.int64)
-                new_keys = X.new_full((grow, R), torch.inf)
+                new_keys = X.new_full((grow, R), no_key, dtype=X.dtype if self._row_keys is None
+                                      else torch.int64)
                 new_sample = X.new_zeros(grow, R, X.shape[1])
                 counts = new_counts if counts is None else torch.cat([counts, new_counts])
                 keys = new_keys if keys is None else torch.cat([keys, new_keys])
@@ -135,8 +145,12 @@ class StreamSource:
             # bottom-R random keys per group: a uniform sample without replacement
             present, local, rows, n_max = _present_groups(y)
             Xp, weight = _padded(X, local, rows, present.shape[0], n_max)
-            batch_keys = torch.rand(weight.shape, generator=self.generator, device=X.device,
-                                    dtype=X.dtype).masked_fill(weight == 0, torch.inf)
+            if self._row_keys is None:
+                batch_keys = torch.rand(weight.shape, generator=self.generator, device=X.device,
+                                        dtype=X.dtype)
+            else:
+                batch_keys = self._row_keys(Xp)
+            batch_keys = batch_keys.masked_fill(weight == 0, no_key)
             all_keys = torch.cat([keys[present], batch_keys], dim=1)  # (u, R + n_max)
             all_rows = torch.cat([sample[present], Xp], dim=1)  # (u, R + n_max, D)
             best = all_keys.topk(R, dim=1, largest=False).indices  # (u, R)
@@ -148,7 +162,8 @@ class StreamSource:
             self._n_groups = counts.shape[0]
         self.counts = counts.to(self.dtype)  # (G,)
         self.sample = sample  # (G, R, D)
-        self.sample_weight = torch.isfinite(keys).to(self.dtype)  # (G, R)
+        self.sample_keys = keys  # (G, R)
+        self.sample_weight = (keys != no_key).to(self.dtype)  # (G, R)
 
     # -- EM --------------------------------------------------------------------------------
 
@@ -199,62 +214,88 @@ class StreamSource:
     def initial_statistics(self, method: str, gen: torch.Generator, cfg) -> tuple[Tensor, Tensor, Tensor]:
         """``(nk, means, covariances)`` of ``init_params`` computed from the stream."""
         K = cfg.n_components
-        sample, weight = self.sample, self.sample_weight
-        G, R, D = sample.shape
-        n_valid = weight.sum(-1).long()  # (G,)
-        if method in ("random_from_data", "k-means++"):
-            if method == "k-means++":
-                seeds = kmeans_plusplus(sample, weight, n_valid, K, gen, cfg.memory_budget)
-            else:
-                keys = torch.rand(G, R, generator=gen, device=sample.device, dtype=sample.dtype)
-                seeds = keys.masked_fill(weight == 0, -1.0).topk(K, dim=-1).indices
-            resp = sample.new_zeros(G, R, K)
-            resp[torch.arange(G, device=sample.device).unsqueeze(-1), seeds,
-                 torch.arange(K, device=sample.device)] = 1
-            # One-hot responsibilities on the seeds only: the in-memory semantics.
-            return kernels.estimate_gaussian_parameters(sample, resp, cfg.reg_covar,
-                                                        cfg.covariance_type, memory_budget=cfg.memory_budget)
-        if method == "random":
-            centres = ((sample * weight.unsqueeze(-1)).sum(1) / n_valid.unsqueeze(-1)).unsqueeze(1)
-            centres = centres.expand(G, K, D).contiguous()
 
-            def random_resp(Xp, w, present):
-                resp = torch.rand(*Xp.shape[:2], K, generator=gen, device=Xp.device, dtype=Xp.dtype)
-                return resp / resp.sum(-1, keepdim=True), None
+        def random_resp(Xp, w, present):
+            resp = torch.rand(*Xp.shape[:2], K, generator=gen, device=Xp.device, dtype=Xp.dtype)
+            return resp / resp.sum(-1, keepdim=True), None
 
-            counts, first, second, _ = self._accumulate(centres, cfg.covariance_type, random_resp)
-            return kernels.statistics_to_parameters(counts, first, second, centres, cfg.reg_covar,
-                                                    cfg.covariance_type)
-        # kmeans: k-means++ on the reservoir, then Lloyd passes over the stream.
-        seeds = kmeans_plusplus(sample, weight, n_valid, K, gen, cfg.memory_budget)
-        centres = torch.gather(sample, 1, seeds.unsqueeze(-1).expand(-1, -1, D))  # (G, K, D)
-        mean = (sample * weight.unsqueeze(-1)).sum(1) / n_valid.unsqueeze(-1)
-        var = (((sample - mean.unsqueeze(1)).square() * weight.unsqueeze(-1)).sum(1)
-               / n_valid.unsqueeze(-1)).mean(-1)
-        threshold = 1e-4 * var  # scikit-learn's tolerance, from the sample's variance
+        return initial_statistics_from_sample(method, gen, cfg, self.sample, self.sample_weight,
+                                              self._accumulate, random_resp)
 
-        def hard_resp(Xp, w, present, centres_now=None):
+
+def initial_statistics_from_sample(method: str, gen: torch.Generator, cfg, sample: Tensor,
+                                   weight: Tensor, accumulate: Callable,
+                                   random_resp: Callable) -> tuple[Tensor, Tensor, Tensor]:
+    """``(nk, means, covariances)`` of ``init_params`` from a sample and passes over the data.
+
+    ``sample (G, R, D)`` with ``weight (G, R)`` (ones first, then zeros) is a uniform sample
+    of each group; ``accumulate(centres, covariance_type, resp_of_batch)`` is one pass over
+    all the data (totals of :func:`kernels.shifted_statistics` and of ``log p(x)``);
+    ``random_resp(Xp, weight, present)`` gives the ``'random'`` responsibilities of a batch.
+    ``random_from_data`` and ``k-means++`` pick their seeds in the sample; ``kmeans`` seeds
+    k-means++ on it, then runs Lloyd passes over the data.
+    """
+    K = cfg.n_components
+    G, R, D = sample.shape
+    n_valid = weight.sum(-1).long()  # (G,)
+    if method in ("random_from_data", "k-means++"):
+        if method == "k-means++":
+            seeds = kmeans_plusplus(sample, weight, n_valid, K, gen, cfg.memory_budget)
+        else:
+            keys = torch.rand(G, R, generator=gen, device=sample.device, dtype=sample.dtype)
+            seeds = keys.masked_fill(weight == 0, -1.0).topk(K, dim=-1).indices
+        resp = sample.new_zeros(G, R, K)
+        resp[torch.arange(G, device=sample.device).unsqueeze(-1), seeds,
+             torch.arange(K, device=sample.device)] = 1
+        # One-hot responsibilities on the seeds only: the in-memory semantics.
+        return kernels.estimate_gaussian_parameters(sample, resp, cfg.reg_covar,
+                                                    cfg.covariance_type, memory_budget=cfg.memory_budget)
+    if method == "random":
+        centres = ((sample * weight.unsqueeze(-1)).sum(1) / n_valid.unsqueeze(-1)).unsqueeze(1)
+        centres = centres.expand(G, K, D).contiguous()
+        counts, first, second, _ = accumulate(centres, cfg.covariance_type, random_resp)
+        return kernels.statistics_to_parameters(counts, first, second, centres, cfg.reg_covar,
+                                                cfg.covariance_type)
+    # kmeans: k-means++ on the sample, then Lloyd passes over the data.
+    seeds = kmeans_plusplus(sample, weight, n_valid, K, gen, cfg.memory_budget)
+    centres = torch.gather(sample, 1, seeds.unsqueeze(-1).expand(-1, -1, D))  # (G, K, D)
+    mean = (sample * weight.unsqueeze(-1)).sum(1) / n_valid.unsqueeze(-1)
+    var = (((sample - mean.unsqueeze(1)).square() * weight.unsqueeze(-1)).sum(1)
+           / n_valid.unsqueeze(-1)).mean(-1)
+    threshold = 1e-4 * var  # scikit-learn's tolerance, from the sample's variance
+
+    def hard_resp_to(centres_now):
+        """Responsibilities of the nearest of ``centres_now`` (one-hot), per batch."""
+
+        def resp(Xp, w, present):
             labels = _sq_dist(Xp, centres_now[present], cfg.memory_budget).argmin(-1)
             return torch.nn.functional.one_hot(labels, K).to(Xp.dtype), None
 
-        for _ in range(300):
-            counts, first, _, _ = self._accumulate(
-                centres, "diag", lambda Xp, w, p: hard_resp(Xp, w, p, centres))
-            moved = torch.where(counts.unsqueeze(-1) > 0, first / counts.clamp_min(1).unsqueeze(-1), 0)
-            centres = centres + moved
-            if bool((moved.square().sum((-1, -2)) <= threshold).all()):
-                break
-        counts, first, second, _ = self._accumulate(
-            centres, cfg.covariance_type, lambda Xp, w, p: hard_resp(Xp, w, p, centres))
-        return kernels.statistics_to_parameters(counts, first, second, centres, cfg.reg_covar,
-                                                cfg.covariance_type)
+        return resp
+
+    for _ in range(300):
+        counts, first, _, _ = accumulate(centres, "diag", hard_resp_to(centres))
+        moved = torch.where(counts.unsqueeze(-1) > 0, first / counts.clamp_min(1).unsqueeze(-1), 0)
+        centres = centres + moved
+        if bool((moved.square().sum((-1, -2)) <= threshold).all()):
+            break
+    counts, first, second, _ = accumulate(centres, cfg.covariance_type, hard_resp_to(centres))
+    return kernels.statistics_to_parameters(counts, first, second, centres, cfg.reg_covar,
+                                            cfg.covariance_type)
 
 
 def fit_stream(estimator, data: Any) -> None:
-    """Fit ``estimator`` (a mixture) from re-iterable batches; see :class:`StreamSource`."""
-    from idefender_gpu.mixture._base import _make_generator
+    """Fit ``estimator`` (a mixture) from re-iterable batches; see :class:`StreamSource`.
+    Inside :func:`idefender_gpu.distributed.data_parallel` the batches are this rank's
+    shard and the fit is data-parallel."""
+    from idefender_gpu.distributed import current
 
     estimator._validate_hyperparameters()
+    if current() is not None:
+        from idefender_gpu.mixture._distributed import fit_stream_shard
+
+        fit_stream_shard(estimator, data, current())
+        return
     n_groups = estimator._init_groups() if estimator._batched else 1
     source = StreamSource(
         data, batched=estimator._batched, n_components=estimator.n_components, n_groups=n_groups,
