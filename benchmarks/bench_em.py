@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_em.py                 # 60000x128, G=10, K=5, float32
+    python benchmarks/bench_em.py --workload b    # a named workload (a, b, c1, c2, d-diag, d-full, all)
     python benchmarks/bench_em.py --table         # README table from benchmarks/results/
 
 Same as ``idefender-gpu bench``; see :mod:`idefender_gpu.bench` for the method.

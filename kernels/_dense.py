@@ -126,22 +126,22 @@ def _maha_tied(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor
 
 
 def _maha_diag(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
-    """Diagonal precisions ``p = prec_chol²``: ``Σ_d p_kd (x_d - μ_kd)²`` by two GEMMs.
+    """Diagonal precisions ``p = prec_chol²``: ``Σ_d p_kd (x_d - μ_kd)²`` by one GEMM.
 
-    Expanded as ``x² pᵀ - 2 x (μ p)ᵀ + Σ μ² p`` after shifting samples and means by the
-    mean of the group's component means, which keeps the cancellation in the expansion
-    to the spread of the data around that centre.
+    Expanded as ``x² pᵀ - 2 x (μ p)ᵀ + Σ μ² p``, i.e. ``[x², x, 1] @ [pᵀ; -2 (μ p)ᵀ; Σ μ² p]``,
+    after shifting samples and means by the mean of the group's component means, which
+    keeps the cancellation in the expansion to the spread of the data around that centre.
     """
     centre = means.mean(-2, keepdim=True)  # (G, 1, D)
     mu = means - centre  # (G, K, D)
     prec = prec_chol.square()  # (G, K, D)
-    const = (mu.square() * prec).sum(-1).unsqueeze(-2)  # (G, 1, K)
-    mu_prec = (mu * prec).mT  # (G, D, K)
+    weights = torch.cat([prec.mT, -2 * (mu * prec).mT,  # (G, 2D+1, K)
+                         (mu.square() * prec).sum(-1).unsqueeze(-2)], dim=-2)
     out = _output(X, *means.shape[:2])  # (G, N, K)
     for sl in _chunks(X.shape[-2], rows):
         xc = X[..., sl, :] - centre  # (G, c, D)
-        maha = torch.baddbmm(const, xc.square(), prec.mT)  # (G, c, K)
-        out[:, sl] = torch.baddbmm(maha, xc, mu_prec, alpha=-2).clamp_min(0)  # (G, c, K)
+        x_aug = torch.cat([xc.square(), xc, xc.new_ones(*xc.shape[:-1], 1)], dim=-1)  # (G, c, 2D+1)
+        out[:, sl] = (x_aug @ weights).clamp_min(0)  # (G, c, K)
     return out
 
 
@@ -308,14 +308,21 @@ def _covariances_tied(X, resp, nk, means, reg_covar, memory_budget):
 
 
 def _covariances_diag(X, resp, nk, means, reg_covar, memory_budget):
-    """``σ²_kd = Σ_n r_nk (x_nd - μ_kd)² / n_k + reg``, accumulated centred."""
+    """``σ²_kd = Σ_n r_nk (x_nd - μ_kd)² / n_k + reg`` by one GEMM per chunk.
+
+    Computed as ``Σ_n r_nk (x_nd - c_d)² / n_k - (μ_kd - c_d)²`` on samples shifted by the
+    group's weighted mean ``c`` (the shifted-data algorithm): ``respᵀ (x - c)²`` is a
+    ``(K, c) @ (c, D)`` GEMM instead of ``N K D`` elementwise work, and the subtraction
+    cancels only the spread of the component means about ``c``.
+    """
     G, K, D = means.shape
-    rows = chunk_rows(X.shape[1], G * K * D * X.element_size(), memory_budget, X.device)
-    var = X.new_zeros(G, K, 1, D)
+    rows = chunk_rows(X.shape[1], 2 * G * D * X.element_size(), memory_budget, X.device)
+    centre = ((nk.unsqueeze(-1) * means).sum(-2) / nk.sum(-1, keepdim=True)).unsqueeze(1)  # (G, 1, D)
+    second = X.new_zeros(G, K, D)
     for sl in _chunks(X.shape[1], rows):
-        diff_sq = (X[:, sl].unsqueeze(1) - means.unsqueeze(2)).square()  # (G, K, c, D)
-        var.add_(resp[:, sl].mT.unsqueeze(-2) @ diff_sq)  # (G, K, 1, D)
-    return var.squeeze(-2).div_(nk.unsqueeze(-1)).add_(reg_covar)  # (G, K, D)
+        second.add_(resp[:, sl].mT @ (X[:, sl] - centre).square())  # (G, K, D)
+    var = second.div_(nk.unsqueeze(-1)).sub_((means - centre).square())
+    return var.clamp_min_(0).add_(reg_covar)  # (G, K, D)
 
 
 def _covariances_spherical(X, resp, nk, means, reg_covar, memory_budget):

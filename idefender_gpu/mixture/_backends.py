@@ -97,16 +97,19 @@ def prefers_keops(n_features: int, n_components: int, covariance_type: str) -> b
 
     KeOps evaluates each (sample, component) term in registers: it wins when the per-pair
     work is small (few features) and there are many components, where the dense backend
-    moves ``N K D`` intermediates through memory. Dense batched GEMMs win for large D.
+    moves ``N K D`` intermediates through memory. Dense batched GEMMs win everywhere else.
+    Measured on a 2-core AMD EPYC CPU (``benchmarks/results/backends_cpu.json``): KeOps won
+    only at D = 2, with K >= 32 (full) or K = 256 (tied, diag, spherical), of
+    N in {1e4, 1e5}, K in {4, 32, 256}, D in {2, 8, 16, 32, 64}. No GPU map yet.
     """
-    limit = AUTO_KEOPS_MAX_FEATURES[covariance_type]
-    return n_features <= limit and n_components >= AUTO_KEOPS_MIN_COMPONENTS
+    return (n_features <= AUTO_KEOPS_MAX_FEATURES[covariance_type]
+            and n_components >= AUTO_KEOPS_MIN_COMPONENTS[covariance_type])
 
 
 #: Largest D where KeOps beat dense in the backend benchmark, per covariance type.
-AUTO_KEOPS_MAX_FEATURES = {"full": 0, "tied": 0, "diag": 0, "spherical": 0}
-#: Fewest components where KeOps beat dense.
-AUTO_KEOPS_MIN_COMPONENTS = 1
+AUTO_KEOPS_MAX_FEATURES = {"full": 2, "tied": 2, "diag": 2, "spherical": 2}
+#: Fewest components where KeOps beat dense at that D, per covariance type.
+AUTO_KEOPS_MIN_COMPONENTS = {"full": 32, "tied": 256, "diag": 256, "spherical": 256}
 
 
 def resolve_backend(name: str, n_features: int, n_components: int, covariance_type: str):
