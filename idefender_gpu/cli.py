@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="JSON directory")
     bench.add_argument("--table", action="store_true", help="print the table of the JSON in --out and exit")
     bench.set_defaults(func=_bench)
+    from idefender_gpu.experiments.cli import register as register_reproduce
+
+    register_reproduce(sub)
     return parser
 
 

@@ -1,0 +1,414 @@
+"""MNIST and Fashion-MNIST from local IDX files first, torchvision's download last.
+
+The four IDX files of either dataset (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; the dotted
+spelling ``train-images.idx3-ubyte`` is accepted too) are looked for, in this order, in:
+
+1. the ``root`` argument (the command's ``--data``);
+2. the folder named by the environment variable ``$IDEFENDER_DATA``;
+3. Debian's packages: ``/usr/share/datasets/fashion-mnist`` (``apt-get install
+   dataset-fashion-mnist``) and ``/usr/share/datasets/mnist``;
+4. the download cache ``$IDEFENDER_CACHE/data`` (default ``~/.cache/idefender-gpu/data``).
+
+Each of those folders is searched as is, under the dataset's name (``fashion-mnist``,
+``FashionMNIST``, ...) and in torchvision's layout (``<folder>/FashionMNIST/raw``,
+``<folder>/MNIST/raw``), so a torchvision data root works unchanged. Files are parsed with
+NumPy (:func:`read_idx`); nothing is unpickled. Only when nothing is found and
+``download=True`` does torchvision download the files (into the cache folder). Otherwise
+:class:`DatasetNotFoundError` lists every folder it looked in and how to get the data.
+
+Examples
+--------
+>>> from idefender_gpu.data import load_dataset
+>>> data = load_dataset("fashion-mnist")                      # doctest: +SKIP
+>>> data.x_train.shape, data.x_train.dtype, data.y_train.shape  # doctest: +SKIP
+(torch.Size([60000, 1, 28, 28]), torch.float32, torch.Size([60000]))
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DatasetNotFoundError",
+    "cache_dir",
+    "find_dataset",
+    "load_dataset",
+    "read_idx",
+    "search_dirs",
+]
+
+#: IDX type codes (third byte of the magic number) -> big-endian NumPy dtypes.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+#: split -> (images stem, labels stem), in the MNIST naming
+_SPLITS = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Where one dataset can live and how to get it."""
+
+    name: str
+    #: sub-folder names tried under every search folder (the first is the canonical one)
+    folders: tuple[str, ...]
+    #: Debian's package folder
+    debian_dir: str
+    #: apt package providing it, if any
+    debian_package: str | None
+    #: torchvision dataset class name (also its folder name in torchvision's layout)
+    torchvision_class: str
+    #: class names, label order
+    classes: tuple[str, ...]
+
+
+#: Datasets known to :func:`load_dataset`, by canonical name.
+DATASETS: dict[str, _Spec] = {
+    "fashion-mnist": _Spec(
+        "fashion-mnist", ("fashion-mnist", "fashion_mnist", "FashionMNIST", "FashionMNIST/raw"),
+        "/usr/share/datasets/fashion-mnist", "dataset-fashion-mnist", "FashionMNIST",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+         "Ankle boot"),
+    ),
+    "mnist": _Spec(
+        "mnist", ("mnist", "MNIST", "MNIST/raw"), "/usr/share/datasets/mnist", None, "MNIST",
+        tuple(str(digit) for digit in range(10)),
+    ),
+}
+
+_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
+            "f-mnist": "fashion-mnist"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The IDX files of a dataset are in none of the searched folders (and no download)."""
+
+
+# --------------------------------------------------------------------------------------
+# IDX parsing
+# --------------------------------------------------------------------------------------
+
+
+def read_idx(path: Any) -> np.ndarray:
+    """Parse one IDX file (optionally gzip-compressed) into a NumPy array.
+
+    The IDX format (LeCun's MNIST page): a magic number ``0x00 0x00 <type> <ndim>``, then
+    ``ndim`` big-endian uint32 sizes, then the values, big-endian, C order. Compression is
+    recognised from the gzip magic bytes, not the file name.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    array : ndarray of shape (size_0, ..., size_{ndim-1})
+        uint8 for image and label files; other IDX types in their native-endian dtype.
+
+    Raises
+    ------
+    ValueError
+        If the file is not IDX (bad magic, unknown type code) or its length does not match
+        the sizes in its header (truncated or padded).
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{str(path)!r} is not a valid gzip-compressed IDX file: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(
+            f"{str(path)!r} is not an IDX file: it must start with the magic bytes 0x00 0x00 "
+            f"<type in {sorted(hex(c) for c in _IDX_DTYPES)}> <ndim>; got {raw[:4].hex(' ') or 'nothing'}"
+        )
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{str(path)!r} is truncated: its header needs {header} bytes; got {len(raw)}")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"{str(path)!r} has {len(raw)} bytes but its header (shape {shape}, {dtype.name}) "
+            f"implies {expected}: the file is truncated or corrupted"
+        )
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+# --------------------------------------------------------------------------------------
+# Finding the files
+# --------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$IDEFENDER_CACHE``, else ``$XDG_CACHE_HOME/idefender-gpu``, else
+    ``~/.cache/idefender-gpu`` (checkpoints and downloads live under it)."""
+    env = os.environ.get("IDEFENDER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "idefender-gpu"
+
+
+def _canonical(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"dataset must be a str; got {type(name).__name__}")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}; got {name!r}")
+    return key
+
+
+def search_dirs(name: str, root: Any = None) -> list[Path]:
+    """The folders :func:`find_dataset` looks in for ``name``, in order (existing or not).
+
+    Parameters
+    ----------
+    name : {'fashion-mnist', 'mnist'}
+    root : str or os.PathLike, optional
+        A folder given by the user (``--data``); searched first.
+
+    Returns
+    -------
+    dirs : list of Path
+    """
+    spec = DATASETS[_canonical(name)]
+    bases: list[Path] = []
+    if root is not None:
+        bases.append(Path(root).expanduser())
+    env = os.environ.get("IDEFENDER_DATA")
+    if env:
+        bases.append(Path(env).expanduser())
+    dirs: list[Path] = []
+    for base in bases:
+        dirs.append(base)
+        dirs.extend(base / folder for folder in spec.folders)
+    dirs.append(Path(spec.debian_dir))
+    download_root = cache_dir() / "data"
+    dirs.append(download_root / spec.torchvision_class / "raw")
+    unique: list[Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def _idx_file(folder: Path, stem: str, kind: str) -> Path | None:
+    """``folder/stem-idx?-ubyte[.gz]`` (or the dotted ``stem.idx?-ubyte``), if present."""
+    for sep in ("-", "."):
+        for suffix in ("", ".gz"):
+            candidate = folder / f"{stem}{sep}{kind}-ubyte{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _files_in(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in ``folder``, or None if any is missing."""
+    files = {}
+    for split, (images, labels) in _SPLITS.items():
+        image_file, label_file = _idx_file(folder, images, "idx3"), _idx_file(folder, labels, "idx1")
+        if image_file is None or label_file is None:
+            return None
+        files[f"{split}_images"], files[f"{split}_labels"] = image_file, label_file
+    return files
+
+
+def _how_to_get(spec: _Spec) -> str:
+    ways = []
+    if spec.debian_package:
+        ways.append(f"on Debian/Ubuntu: sudo apt-get install {spec.debian_package} (files land in "
+                    f"{spec.debian_dir})")
+    ways.append("put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder and pass it as "
+                "--data DIR (root=DIR) or set IDEFENDER_DATA=DIR")
+    ways.append(f"with internet access: allow the download (download=True; the command downloads "
+                f"unless --no-download), which uses torchvision.datasets.{spec.torchvision_class} "
+                f"into {cache_dir() / 'data'}")
+    return "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
+
+
+def find_dataset(name: str, root: Any = None) -> dict[str, Path]:
+    """Locate the four IDX files of ``name`` (no download).
+
+    Parameters
+    ----------
+    name : {'fashion-mnist', 'mnist'}
+    root : str or os.PathLike, optional
+        Searched first (see the module docstring for the full order).
+
+    Returns
+    -------
+    files : dict
+        ``{"train_images", "train_labels", "test_images", "test_labels"} -> Path``.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        Naming every folder searched and the ways to get the files.
+    """
+    spec = DATASETS[_canonical(name)]
+    dirs = search_dirs(spec.name, root)
+    for folder in dirs:
+        files = _files_in(folder)
+        if files is not None:
+            return files
+    looked = "\n".join(f"  - {d}" for d in dirs)
+    raise DatasetNotFoundError(
+        f"{spec.name}: the IDX files were not found. Looked in:\n{looked}\n"
+        f"To get them: {_how_to_get(spec)}."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded image classification dataset, images in ``[0, 1]``.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name (``'fashion-mnist'`` or ``'mnist'``).
+    x_train, x_test : Tensor of float32, shape (N, 1, 28, 28)
+        Pixel values divided by 255.
+    y_train, y_test : Tensor of int64, shape (N,)
+    classes : tuple of str
+    source : Path
+        Folder the files were read from.
+    sha256 : str
+        SHA-256 over the raw pixel and label bytes of both splits (a content hash that does
+        not depend on compression or file names); checkpoints are keyed by it.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: tuple[str, ...]
+    source: Path
+    sha256: str = field(repr=False)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
+        """The first ``n_train`` training and ``n_test`` test samples (None: all).
+
+        The hash covers the subset (so cached models trained on it are keyed apart).
+        """
+        x_train, y_train = self.x_train[:n_train], self.y_train[:n_train]
+        x_test, y_test = self.x_test[:n_test], self.y_test[:n_test]
+        if n_train is None and n_test is None:
+            return self
+        sha = hashlib.sha256(f"{self.sha256}:{len(x_train)}:{len(x_test)}".encode()).hexdigest()
+        return Dataset(self.name, x_train, y_train, x_test, y_test, self.classes, self.source, sha)
+
+
+def _download(spec: _Spec) -> Path:
+    """torchvision's download of both splits into the cache; returns the raw folder."""
+    try:
+        import torchvision
+    except ImportError as exc:  # pragma: no cover - torchvision is pinned next to torch
+        raise DatasetNotFoundError(f"{spec.name}: cannot download without torchvision ({exc})") from None
+    root = cache_dir() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    dataset_cls = getattr(torchvision.datasets, spec.torchvision_class)
+    for train in (True, False):
+        dataset_cls(str(root), train=train, download=True)
+    return root / spec.torchvision_class / "raw"
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, n_classes: int) -> None:
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{what} images must be a uint8 IDX array of shape (N, H, W); got shape "
+                         f"{images.shape}, dtype {images.dtype}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{what} labels must have shape ({images.shape[0]},) to match the images; got "
+                         f"{labels.shape}")
+    if labels.size and int(labels.max()) >= n_classes:
+        raise ValueError(f"{what} labels must be in [0, {n_classes}); got {int(labels.max())}")
+
+
+def load_dataset(name: str, root: Any = None, *, download: bool = False) -> Dataset:
+    """Load MNIST or Fashion-MNIST from local IDX files (or torchvision's download).
+
+    Parameters
+    ----------
+    name : {'fashion-mnist', 'mnist'}
+        Also accepted: 'fmnist', 'fashion_mnist', 'FashionMNIST' (case-insensitive).
+    root : str or os.PathLike, optional
+        A folder searched first (see the module docstring for the whole search order).
+    download : bool, default=False
+        When no local files are found, download them with torchvision into
+        ``cache_dir() / 'data'``. Tests and CI never download.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    DatasetNotFoundError
+        When no folder holds the files and ``download`` is False (the message lists the
+        folders and how to get the data).
+    ValueError
+        When a file is not a valid IDX file or the images and labels disagree.
+    """
+    spec = DATASETS[_canonical(name)]
+    try:
+        files = find_dataset(spec.name, root)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        _download(spec)
+        files = find_dataset(spec.name, root)
+    sha = hashlib.sha256()
+    arrays = {}
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        arrays[key] = read_idx(files[key])
+        sha.update(key.encode())
+        sha.update(np.ascontiguousarray(arrays[key]).tobytes())
+    for split in ("train", "test"):
+        _check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], f"{spec.name} {split}",
+                    len(spec.classes))
+
+    def images(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(array).to(torch.float32).div_(255.0).unsqueeze(1)  # (N, 1, H, W)
+
+    def labels(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(array.astype(np.int64))  # (N,)
+
+    return Dataset(
+        name=spec.name,
+        x_train=images(arrays["train_images"]), y_train=labels(arrays["train_labels"]),
+        x_test=images(arrays["test_images"]), y_test=labels(arrays["test_labels"]),
+        classes=spec.classes, source=files["train_images"].parent, sha256=sha.hexdigest(),
+    )
