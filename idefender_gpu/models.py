@@ -27,9 +27,10 @@ Papernot et al.'s Jacobian-based dataset augmentation, querying the attacked mod
 (Defense-GAN's black-box setting, which the paper repeats). :func:`load_or_train` and
 :func:`load_or_train_substitute` cache trained weights as safetensors under
 ``cache_dir() / 'models'``, keyed by dataset, data hash, model, seed, epochs and the training
-hyper-parameters (and, for a substitute, the attacked model's key), and reuse them. :func:`load_checkpoint` never unpickles: it
-reads safetensors, checks the format marker, a SHA-256 digest, the architecture name and
-every tensor's name and shape before loading (``strict``).
+hyper-parameters (and, for a substitute, the attacked model's key), and reuse them.
+:func:`load_checkpoint` never unpickles: it reads safetensors, checks the format marker, a
+SHA-256 digest, the architecture name and every tensor's name and shape before loading
+(``strict``).
 """
 
 from __future__ import annotations

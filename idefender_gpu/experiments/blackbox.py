@@ -289,6 +289,14 @@ def _score(x: Tensor, model: nn.Module, idefender: IDefender, baseline: Mahalano
             "mahalanobis": torch.cat(theirs).double()}
 
 
+def _detector_scores(detector: IDefender, x: Tensor, batch_size: int, device: torch.device, desc: str,
+                     progress: bool | None) -> Tensor:
+    """``detector.score`` of ``x`` batch by batch: ``(N,)`` float64 on CPU."""
+    with torch.no_grad():
+        return torch.cat([detector.score(x[sl].to(device)).cpu()
+                          for sl in _bar(_batches(x.shape[0], batch_size), desc, progress)]).double()
+
+
 def _detection(natural: Tensor, adversarial: Tensor) -> tuple[float | None, float | None]:
     """``(AUC, TPR at 5% FPR)`` of ``-score`` with adversarial inputs as positives."""
     if adversarial.numel() == 0:
@@ -525,13 +533,10 @@ def _ablation(config: BlackboxConfig, model: nn.Module, train_loader: DataLoader
             row["fit_seconds"] = time.perf_counter() - started
             row["n_features"] = sum(detector.n_features_.values())
 
-            def scores(x: Tensor, desc: str) -> Tensor:
-                with torch.no_grad():
-                    return torch.cat([detector.score(x[sl].to(device)).cpu() for sl in
-                                      _bar(_batches(x.shape[0], config.batch_size), desc, progress)]).double()
-
-            natural = scores(x_test, "ablation: natural")
-            row["auc"] = [_detection(natural, scores(x_adv, f"ablation: FGSM eps={eps:g}"))[0]
+            natural = _detector_scores(detector, x_test, config.batch_size, device, "ablation: natural",
+                                       progress)
+            row["auc"] = [_detection(natural, _detector_scores(detector, x_adv, config.batch_size, device,
+                                                               f"ablation: FGSM eps={eps:g}", progress))[0]
                           for eps, x_adv in fgsm.items()]
         except (ValueError, RuntimeError) as exc:  # e.g. a singular covariance: report, go on
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"

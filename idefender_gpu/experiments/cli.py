@@ -52,7 +52,8 @@ def _blackbox(args: argparse.Namespace) -> int:
         n_train=args.n_train, n_test=args.n_test, n_other=args.n_other, n_calibrate=args.n_calibrate,
         device=device,
         progress=False if args.no_progress else None, download=not args.no_download,
-        cache=args.cache, substitute=args.substitute, holdout=args.holdout, layers=tuple(args.layers.split(",")), n_components=args.components,
+        cache=args.cache, substitute=args.substitute, holdout=args.holdout,
+        layers=tuple(args.layers.split(",")), n_components=args.components,
         covariance_type=args.covariance, reg_covar=args.reg_covar, batch_size=args.batch_size,
         threat_models=threats, ablation=ABLATION if args.ablation else (),
     )
@@ -68,7 +69,7 @@ def _blackbox(args: argparse.Namespace) -> int:
     print()
     print(f"{results['dataset']}: seed {results['seed']}, wall time {time.perf_counter() - started:.0f} s "
           f"on {results['machine']['device']}")
-    for name, path in paths.items():
+    for path in paths.values():
         print(f"wrote {path}")
     return 0
 
