@@ -19,19 +19,38 @@ idefender_gpu.distributed
     and ``IDefender.fit`` run data-parallel on ``torch.distributed``, one shard per rank.
 """
 
-from idefender_gpu.exceptions import (
-    ConvergenceWarning,
-    NotFittedError,
-    NotPSDError,
-    NumericalWarning,
-)
-from idefender_gpu.detector import IDefender, MahalanobisDetector
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Public names resolved on first use (PEP 562), so that ``import idefender_gpu.kernels``
+# imports neither the detector and mixture stack nor scikit-learn.
+_LAZY = {
+    "ConvergenceWarning": "idefender_gpu.exceptions",
+    "InvalidParameterError": "idefender_gpu.exceptions",
+    "NotFittedError": "idefender_gpu.exceptions",
+    "NotPSDError": "idefender_gpu.exceptions",
+    "NumericalWarning": "idefender_gpu.exceptions",
+    "IDefender": "idefender_gpu.detector",
+    "MahalanobisDetector": "idefender_gpu.detector",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ConvergenceWarning",
     "IDefender",
+    "InvalidParameterError",
     "MahalanobisDetector",
     "NotFittedError",
     "NotPSDError",

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from idefender_gpu.exceptions import DatasetNotFoundError  # noqa: F401 - re-exported
 
 __all__ = [
     "DATASETS",
@@ -96,10 +97,6 @@ DATASETS: dict[str, _Spec] = {
 
 _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
             "f-mnist": "fashion-mnist"}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The IDX files of a dataset are in none of the searched folders (and no download)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from idefender_gpu.exceptions import RankFailedError  # noqa: F401 - re-exported
 
 __all__ = ["DataParallel", "RankFailedError", "current", "data_parallel"]
 
@@ -71,14 +72,6 @@ _MESSAGE_BYTES = 1024
 _ACTIVE: contextvars.ContextVar[DataParallel | None] = contextvars.ContextVar(
     "idefender_gpu_data_parallel", default=None
 )
-
-
-class RankFailedError(RuntimeError):
-    """Another rank of a data-parallel fit failed, or a collective did not complete in time.
-
-    Raised on every rank that did not fail itself; the failing rank raises its own
-    exception. The message names the failing ranks, what they were doing and their errors.
-    """
 
 
 class DataParallel:
