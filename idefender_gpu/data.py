@@ -2,20 +2,24 @@
 
 The four IDX files of either dataset (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
 ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; the dotted
-spelling ``train-images.idx3-ubyte`` is accepted too) are looked for, in this order, in:
+spelling ``train-images.idx3-ubyte`` is accepted too) are looked for in ONE place when the
+user names one, else in the system's places:
 
-1. the ``root`` argument (the command's ``--data``);
-2. the folder named by the environment variable ``$IDEFENDER_DATA``;
-3. Debian's packages: ``/usr/share/datasets/fashion-mnist`` (``apt-get install
-   dataset-fashion-mnist``) and ``/usr/share/datasets/mnist``;
-4. the download cache ``$IDEFENDER_CACHE/data`` (default ``~/.cache/idefender-gpu/data``).
+1. the ``root`` argument (the command's ``--data DIR``), if given: only there;
+2. else the folder named by the environment variable ``$IDEFENDER_DATA``, if set: only there;
+3. else Debian's packages: ``/usr/share/datasets/fashion-mnist`` (``apt-get install
+   dataset-fashion-mnist``) and ``/usr/share/datasets/mnist``, then the download cache
+   ``$IDEFENDER_CACHE/data`` (default ``~/.cache/idefender-gpu/data``).
 
-Each of those folders is searched as is, under the dataset's name (``fashion-mnist``,
-``FashionMNIST``, ...) and in torchvision's layout (``<folder>/FashionMNIST/raw``,
-``<folder>/MNIST/raw``), so a torchvision data root works unchanged. Files are parsed with
-NumPy (:func:`read_idx`); nothing is unpickled. Only when nothing is found and
-``download=True`` does torchvision download the files (into the cache folder). Otherwise
-:class:`DatasetNotFoundError` lists every folder it looked in and how to get the data.
+A folder the user names is used or refused (:class:`DatasetNotFoundError`), never silently
+replaced by another one. Each folder is searched as is, under the dataset's name
+(``fashion-mnist``, ``FashionMNIST``, ...) and in torchvision's layout
+(``<folder>/FashionMNIST/raw``, ``<folder>/MNIST/raw``), so a torchvision data root works
+unchanged. Files are parsed with NumPy (:func:`read_idx`); nothing is unpickled. Only when
+no folder is named, nothing is found and ``download=True`` does torchvision download the
+files (into the cache folder; a failed download leaves nothing behind). Otherwise
+:class:`DatasetNotFoundError` says what was missing, lists every folder it looked in and how
+to get the data, in the words of the Python API or of the command (``wording=``).
 
 Examples
 --------
@@ -30,6 +34,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +184,30 @@ def _canonical(name: Any) -> str:
     return key
 
 
+#: How the not-found message names the ways to point at the data, per ``wording``.
+_WORDS = {
+    "python": {"root": "root=DIR", "env": "IDEFENDER_DATA", "download": "download=True"},
+    "command": {"root": "--data DIR", "env": "IDEFENDER_DATA",
+                "download": "the command's download (on unless --no-download)"},
+}
+
+
+def _check_wording(wording: Any) -> dict[str, str]:
+    if wording not in _WORDS:
+        raise ValueError(f"wording must be one of {sorted(_WORDS)}; got {wording!r}")
+    return _WORDS[wording]
+
+
+def _named_folder(root: Any) -> tuple[Path, str] | None:
+    """The folder the user named, and by which means (``'root'`` or ``'env'``), if any."""
+    if root is not None:
+        return Path(root).expanduser(), "root"
+    env = os.environ.get("IDEFENDER_DATA")
+    if env:
+        return Path(env).expanduser(), "env"
+    return None
+
+
 def search_dirs(name: str, root: Any = None) -> list[Path]:
     """The folders :func:`find_dataset` looks in for ``name``, in order (existing or not).
 
@@ -185,26 +215,21 @@ def search_dirs(name: str, root: Any = None) -> list[Path]:
     ----------
     name : {'fashion-mnist', 'mnist'}
     root : str or os.PathLike, optional
-        A folder given by the user (``--data``); searched first.
+        A folder given by the user (``--data``): when given, only it (as is, under the
+        dataset's names and in torchvision's layout) is searched. Else ``$IDEFENDER_DATA``
+        when set (only it); else Debian's folder and the download cache.
 
     Returns
     -------
     dirs : list of Path
     """
     spec = DATASETS[_canonical(name)]
-    bases: list[Path] = []
-    if root is not None:
-        bases.append(Path(root).expanduser())
-    env = os.environ.get("IDEFENDER_DATA")
-    if env:
-        bases.append(Path(env).expanduser())
-    dirs: list[Path] = []
-    for base in bases:
-        dirs.append(base)
-        dirs.extend(base / folder for folder in spec.folders)
-    dirs.append(Path(spec.debian_dir))
-    download_root = cache_dir() / "data"
-    dirs.append(download_root / spec.torchvision_class / "raw")
+    named = _named_folder(root)
+    if named is not None:
+        base = named[0]
+        dirs = [base, *(base / folder for folder in spec.folders)]
+    else:
+        dirs = [Path(spec.debian_dir), cache_dir() / "data" / spec.torchvision_class / "raw"]
     unique: list[Path] = []
     for d in dirs:
         if d not in unique:
@@ -233,28 +258,52 @@ def _files_in(folder: Path) -> dict[str, Path] | None:
     return files
 
 
-def _how_to_get(spec: _Spec) -> str:
+_FILE_NAMES = ("train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+               "t10k-labels-idx1-ubyte.gz")
+
+
+def _how_to_get(spec: _Spec, words: dict[str, str]) -> str:
     ways = []
     if spec.debian_package:
         ways.append(f"on Debian/Ubuntu: sudo apt-get install {spec.debian_package} (files land in "
                     f"{spec.debian_dir})")
-    ways.append("put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a folder and pass it as "
-                "--data DIR (root=DIR) or set IDEFENDER_DATA=DIR")
-    ways.append(f"with internet access: allow the download (download=True; the command downloads "
-                f"unless --no-download), which uses torchvision.datasets.{spec.torchvision_class} "
+    ways.append(f"put the four IDX files ({_FILE_NAMES}) in a folder DIR and pass {words['root']} or set "
+                f"{words['env']}=DIR")
+    ways.append(f"with internet access and torchvision installed, and no folder named: "
+                f"{words['download']} downloads them with torchvision.datasets.{spec.torchvision_class} "
                 f"into {cache_dir() / 'data'}")
     return "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
 
 
-def find_dataset(name: str, root: Any = None) -> dict[str, Path]:
+def _not_found_message(spec: _Spec, root: Any, words: dict[str, str]) -> str:
+    """The whole not-found text; its first line says what is missing (and where)."""
+    named = _named_folder(root)
+    if named is None:
+        first = (f"{spec.name}: the IDX files were not found in the default folders (no {words['root']} "
+                 f"or {words['env']} given).")
+    else:
+        folder, how = named
+        given = f"the folder given by {words['root']}" if how == "root" else \
+            f"the folder named by {words['env']}"
+        state = "does not exist" if not folder.exists() else (
+            "is not a folder" if not folder.is_dir() else f"holds no {spec.name} IDX files")
+        first = f"{spec.name}: {given}, {folder}, {state}."
+    looked = "\n".join(f"  - {d}" for d in search_dirs(spec.name, root))
+    return f"{first}\nLooked in:\n{looked}\nTo get them: {_how_to_get(spec, words)}."
+
+
+def find_dataset(name: str, root: Any = None, *, wording: str = "python") -> dict[str, Path]:
     """Locate the four IDX files of ``name`` (no download).
 
     Parameters
     ----------
     name : {'fashion-mnist', 'mnist'}
     root : str or os.PathLike, optional
-        Searched first (see the module docstring for the full order).
+        The only folder searched when given (see the module docstring for the order).
+    wording : {'python', 'command'}, default='python'
+        How the not-found message names the options: the Python arguments (``root=DIR``,
+        ``download=True``) or the ``idefender-gpu`` command's (``--data DIR``,
+        ``--no-download``).
 
     Returns
     -------
@@ -264,19 +313,16 @@ def find_dataset(name: str, root: Any = None) -> dict[str, Path]:
     Raises
     ------
     DatasetNotFoundError
-        Naming every folder searched and the ways to get the files.
+        Its first line says what is missing (and which named folder lacks it), then every
+        folder searched and the ways to get the files.
     """
     spec = DATASETS[_canonical(name)]
-    dirs = search_dirs(spec.name, root)
-    for folder in dirs:
+    words = _check_wording(wording)
+    for folder in search_dirs(spec.name, root):
         files = _files_in(folder)
         if files is not None:
             return files
-    looked = "\n".join(f"  - {d}" for d in dirs)
-    raise DatasetNotFoundError(
-        f"{spec.name}: the IDX files were not found. Looked in:\n{looked}\n"
-        f"To get them: {_how_to_get(spec)}."
-    )
+    raise DatasetNotFoundError(_not_found_message(spec, root, words))
 
 
 # --------------------------------------------------------------------------------------
@@ -329,18 +375,54 @@ class Dataset:
         return Dataset(self.name, x_train, y_train, x_test, y_test, self.classes, self.source, sha)
 
 
+def _remove_empty_dirs(leaf: Path, top: Path | None) -> None:
+    """Remove ``leaf`` and its parents up to ``top`` (included) while they are empty."""
+    if top is None:
+        return
+    folder = leaf
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            return
+        if folder == top or folder.parent == folder:
+            return
+        folder = folder.parent
+
+
 def _download(spec: _Spec) -> Path:
-    """torchvision's download of both splits into the cache; returns the raw folder."""
+    """torchvision's download of both splits into the cache; returns the raw folder.
+
+    The files go to a temporary folder first and are moved into place only when both
+    splits are complete: a failed download leaves no file and no new folder behind.
+    """
     try:
         import torchvision
-    except ImportError as exc:  # pragma: no cover - torchvision is pinned next to torch
-        raise DatasetNotFoundError(f"{spec.name}: cannot download without torchvision ({exc})") from None
+    except ImportError as exc:  # the caller reports it after the not-found help
+        raise ImportError(f"torchvision is not installed (pip install the torchvision release that "
+                          f"matches torch {torch.__version__})") from exc
+
     root = cache_dir() / "data"
+    top = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     root.mkdir(parents=True, exist_ok=True)
-    dataset_cls = getattr(torchvision.datasets, spec.torchvision_class)
-    for train in (True, False):
-        dataset_cls(str(root), train=train, download=True)
-    return root / spec.torchvision_class / "raw"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-download-", dir=root))
+    try:
+        dataset_cls = getattr(torchvision.datasets, spec.torchvision_class)
+        for train in (True, False):
+            dataset_cls(str(tmp), train=train, download=True)
+        fetched = tmp / spec.torchvision_class / "raw"
+        if _files_in(fetched) is None:
+            raise RuntimeError(f"torchvision's download did not leave the four IDX files in {fetched}")
+        raw = root / spec.torchvision_class / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for path in fetched.iterdir():
+            os.replace(path, raw / path.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty_dirs(root, top)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return raw
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, n_classes: int) -> None:
@@ -354,7 +436,7 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, n_classes: in
         raise ValueError(f"{what} labels must be in [0, {n_classes}); got {int(labels.max())}")
 
 
-def load_dataset(name: str, root: Any = None, *, download: bool = False) -> Dataset:
+def load_dataset(name: str, root: Any = None, *, download: bool = False, wording: str = "python") -> Dataset:
     """Load MNIST or Fashion-MNIST from local IDX files (or torchvision's download).
 
     Parameters
@@ -362,10 +444,14 @@ def load_dataset(name: str, root: Any = None, *, download: bool = False) -> Data
     name : {'fashion-mnist', 'mnist'}
         Also accepted: 'fmnist', 'fashion_mnist', 'FashionMNIST' (case-insensitive).
     root : str or os.PathLike, optional
-        A folder searched first (see the module docstring for the whole search order).
+        The folder holding the files; when given it is the only one searched (and never
+        replaced by a download). See the module docstring for the whole search order.
     download : bool, default=False
-        When no local files are found, download them with torchvision into
-        ``cache_dir() / 'data'``. Tests and CI never download.
+        When no folder is named (no ``root``, no ``$IDEFENDER_DATA``) and no local files
+        are found, download them with torchvision into ``cache_dir() / 'data'``. Tests and
+        CI never download.
+    wording : {'python', 'command'}, default='python'
+        How the not-found message names the options (see :func:`find_dataset`).
 
     Returns
     -------
@@ -374,19 +460,29 @@ def load_dataset(name: str, root: Any = None, *, download: bool = False) -> Data
     Raises
     ------
     DatasetNotFoundError
-        When no folder holds the files and ``download`` is False (the message lists the
-        folders and how to get the data).
+        When the files are not found (and not downloaded: ``download`` off, a folder named,
+        or the download failed). The first line says what is missing; then the folders
+        searched, how to get the data, and why a download failed.
     ValueError
         When a file is not a valid IDX file or the images and labels disagree.
     """
     spec = DATASETS[_canonical(name)]
+    _check_wording(wording)
     try:
-        files = find_dataset(spec.name, root)
-    except DatasetNotFoundError:
-        if not download:
+        files = find_dataset(spec.name, root, wording=wording)
+    except DatasetNotFoundError as not_found:
+        if not download or _named_folder(root) is not None:
             raise
-        _download(spec)
-        files = find_dataset(spec.name, root)
+        try:
+            _download(spec)
+        except Exception as exc:  # no torchvision, no network, a broken mirror: say so after the help
+            reason = " ".join(str(exc).split())
+            reason = reason if len(reason) <= 300 else reason[:297] + "..."
+            raise DatasetNotFoundError(
+                f"{not_found}\nThe download with torchvision failed too: {type(exc).__name__}"
+                + (f": {reason}" if reason else "")
+            ) from exc
+        files = find_dataset(spec.name, root, wording=wording)
     sha = hashlib.sha256()
     arrays = {}
     for key in ("train_images", "train_labels", "test_images", "test_labels"):

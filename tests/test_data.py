@@ -182,14 +182,103 @@ def test_not_found_lists_where_it_looked(isolated, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("fashion-mnist", isolated / "given")  # download defaults to False
     message = str(info.value)
+    first = message.splitlines()[0]
+    assert first == f"fashion-mnist: the folder given by root=DIR, {isolated / 'given'}, does not exist."
     for folder in search_dirs("fashion-mnist", isolated / "given"):
         assert str(folder) in message
-    assert str(isolated / "given") in message and str(isolated / "envdata") in message
-    assert DATASETS["fashion-mnist"].debian_dir in message
+    assert str(isolated / "envdata") not in message  # root given: $IDEFENDER_DATA is not searched
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "IDEFENDER_DATA" in message and "--data" in message and "download" in message
+    assert "IDEFENDER_DATA" in message and "root=DIR" in message and "download=True" in message
+    assert "--data" not in message  # the Python API's words
     assert isinstance(info.value, FileNotFoundError)
-    assert not (isolated / "cache" / "data").exists()  # nothing was downloaded
+    assert not (isolated / "cache").exists()  # nothing was downloaded or created
+
+
+def test_not_found_in_the_commands_words(isolated):
+    (isolated / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        find_dataset("mnist", isolated / "empty", wording="command")
+    message = str(info.value)
+    assert message.splitlines()[0] == (
+        f"mnist: the folder given by --data DIR, {isolated / 'empty'}, holds no mnist IDX files.")
+    assert "--data DIR" in message and "--no-download" in message
+    assert "root=DIR" not in message and "download=True" not in message
+    with pytest.raises(ValueError, match="wording must be one of"):
+        find_dataset("mnist", wording="cli")
+
+
+def test_named_folders_are_used_or_refused(isolated, monkeypatch):
+    """Issue 15: --data /nonexistent and IDEFENDER_DATA=/nonexistent were silently replaced by
+    Debian's folder; a folder the user names is now the only one searched."""
+    write_dataset(Path(DATASETS["fashion-mnist"].debian_dir))
+    assert load_dataset("fashion-mnist").source == Path(DATASETS["fashion-mnist"].debian_dir)
+    with pytest.raises(DatasetNotFoundError, match="the folder given by root=DIR, .*nonexistent, does not exist"):
+        load_dataset("fashion-mnist", isolated / "nonexistent")
+    monkeypatch.setenv("IDEFENDER_DATA", str(isolated / "nonexistent"))
+    with pytest.raises(DatasetNotFoundError, match="the folder named by IDEFENDER_DATA, .*nonexistent, does not "):
+        load_dataset("fashion-mnist")
+    (isolated / "file").write_text("x")
+    with pytest.raises(DatasetNotFoundError, match="is not a folder"):
+        load_dataset("fashion-mnist", isolated / "file")
+
+
+def _fake_torchvision(monkeypatch, behaviour):
+    """A stand-in ``torchvision`` whose dataset classes call ``behaviour(root, train)``."""
+    import types
+
+    calls = []
+
+    def make(name):
+        def init(self, root, train=True, download=False):
+            calls.append((name, train))
+            behaviour(Path(root) / name / "raw", train)
+        return type(name, (), {"__init__": init})
+
+    module = types.ModuleType("torchvision")
+    module.datasets = types.SimpleNamespace(FashionMNIST=make("FashionMNIST"), MNIST=make("MNIST"))
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", module)
+    return calls
+
+
+def test_failed_download_leaves_nothing_and_helps_first(isolated, monkeypatch):
+    def fail_midway(raw, train):
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://example, got URLError")
+
+    calls = _fake_torchvision(monkeypatch, fail_midway)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("mnist", download=True, wording="command")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("mnist: the IDX files were not found in the default folders")
+    assert lines[-1] == ("The download with torchvision failed too: RuntimeError: Error downloading "
+                         "train-images-idx3-ubyte.gz: Tried http://example, got URLError")
+    assert calls == [("MNIST", True)]
+    assert not (isolated / "cache").exists()  # no empty data folder, no partial file
+
+
+def test_download_without_torchvision_says_so(isolated, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import raises ImportError
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", download=True)
+    assert str(info.value).splitlines()[0].startswith("fashion-mnist: the IDX files were not found")
+    assert "torchvision failed too: ImportError: torchvision is not installed" in str(info.value)
+    assert not (isolated / "cache").exists()
+
+
+def test_download_goes_to_the_cache_and_named_folders_never_download(isolated, monkeypatch):
+    def succeed(raw, train):
+        if not train:
+            write_dataset(raw)
+
+    calls = _fake_torchvision(monkeypatch, succeed)
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset("mnist", isolated / "mine", download=True)  # a named folder is used or refused
+    assert calls == [] and not (isolated / "cache").exists()
+    ds = load_dataset("mnist", download=True)
+    raw = isolated / "cache" / "data" / "MNIST" / "raw"
+    assert ds.source == raw and calls == [("MNIST", True), ("MNIST", False)]
+    assert sorted(p.name for p in (isolated / "cache" / "data").iterdir()) == ["MNIST"]  # no temp folder left
 
 
 def test_incomplete_folder_is_not_used(isolated):
