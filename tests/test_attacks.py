@@ -572,7 +572,7 @@ def test_attacks_run_end_to_end_on_the_defended_model(toy, detector):
 def test_defended_model_errors(toy):
     with pytest.raises(TypeError, match="log_density"):
         DefendedModel(object())
-    with pytest.raises(TypeError, match="detector.model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"'detector.model' parameter of DefendedModel must be an instance of 'torch.nn"):
         DefendedModel(SimpleNamespace(log_density=lambda x: x, model=None))
     unfitted = SimpleNamespace(model=toy.model, log_density=lambda x: x)
     with pytest.raises(NotFittedError):
@@ -603,14 +603,16 @@ def test_repr_shows_hyperparameters():
     "make, error, match",
     [
         (lambda: FGSM(_ID_MODEL, 0.1), TypeError, "positional"),
-        (lambda: FGSM(_ID_MODEL, eps=0.0), ValueError, "'eps' parameter must be in the range"),
-        (lambda: FGSM(_ID_MODEL, eps=float("inf")), ValueError, "'eps' parameter must be finite"),
-        (lambda: FGSM(_ID_MODEL, eps="0.1"), TypeError, "'eps' parameter must be a float"),
-        (lambda: FGSM(lambda x: x, eps=0.1), TypeError, "model must be a torch.nn.Module"),
+        (lambda: FGSM(_ID_MODEL, eps=0.0), ValueError,
+         r"The 'eps' parameter of FGSM must be a float in the range \(0, inf\)\. Got 0\.0 instead\."),
+        (lambda: FGSM(_ID_MODEL, eps=float("inf")), ValueError, "'eps' parameter of FGSM .* Got inf instead"),
+        (lambda: FGSM(_ID_MODEL, eps="0.1"), TypeError, "'eps' parameter of FGSM must be a float"),
+        (lambda: FGSM(lambda x: x, eps=0.1), TypeError, "'model' parameter of FGSM must be an instance of 'torch.nn"),
         (lambda: FGSM(_ID_MODEL, eps=0.1, bounds=(1.0, 0.0)), ValueError, "low < high"),
-        (lambda: FGSM(_ID_MODEL, eps=0.1, bounds=(0.0,)), TypeError, "pair"),
+        (lambda: FGSM(_ID_MODEL, eps=0.1, bounds=(0.0,)), TypeError, "'bounds' parameter of FGSM must be a pair"),
+        (lambda: FGSM(_ID_MODEL, eps=0.1, bounds=(0.0, float("inf"))), ValueError, "'bounds' parameter"),
         (lambda: BIM(_ID_MODEL, eps=0.1, alpha=0.01, steps=0), ValueError, "'steps' parameter"),
-        (lambda: BIM(_ID_MODEL, eps=0.1, alpha=0.01, steps=2.0), TypeError, "'steps' parameter must be an int"),
+        (lambda: BIM(_ID_MODEL, eps=0.1, alpha=0.01, steps=2.0), TypeError, "'steps' parameter of BIM must be an int"),
         (lambda: BIM(_ID_MODEL, eps=0.1, alpha=-1.0), ValueError, "'alpha' parameter"),
         (lambda: BIM(_ID_MODEL, eps=0.1, alpha=0.01, random_start=1), TypeError, "'random_start'"),
         (lambda: IterativeL2(_ID_MODEL, eps=1.0), TypeError, "alpha"),
@@ -630,6 +632,39 @@ def test_bad_hyperparameters(make, error, match):
     with pytest.raises(error, match=match):
         make()
 
+
+# Every real hyper-parameter of every attack: (class, valid keyword arguments, name).
+REAL_HYPERPARAMETERS = [
+    (FGSM, dict(eps=0.1), "eps"),
+    (BIM, dict(eps=0.1, alpha=0.01), "eps"),
+    (BIM, dict(eps=0.1, alpha=0.01), "alpha"),
+    (IterativeL2, dict(eps=1.0, alpha=0.1), "eps"),
+    (IterativeL2, dict(eps=1.0, alpha=0.1), "alpha"),
+    (DeepFool, dict(), "overshoot"),
+    (GrayBox, dict(eps=0.1, step_size=0.01), "alpha"),
+    (GrayBox, dict(eps=0.1, step_size=0.01), "eps"),
+    (GrayBox, dict(eps=0.1, step_size=0.01), "step_size"),
+    (DefendedModel, dict(), "scale"),
+]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("cls, kwargs, name", REAL_HYPERPARAMETERS,
+                         ids=[f"{c.__name__}-{n}" for c, _, n in REAL_HYPERPARAMETERS])
+def test_nan_and_inf_hyperparameters_rejected(cls, kwargs, name, bad):
+    """Issue 11: NaN and infinity never pass, for every real hyper-parameter, with
+    scikit-learn's message (InvalidParameterError: a ValueError and a TypeError)."""
+    from idefender_gpu.exceptions import InvalidParameterError
+
+    args = (_DETECTOR_WITH_MODEL,) if cls is DefendedModel else (_ID_MODEL,)
+    if cls is GrayBox:
+        args = (_ID_MODEL, _ID_DETECTOR)
+    with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter of {cls.__name__} must be .* Got {bad!r} instead"):
+        cls(*args, **{**kwargs, name: bad})
+    assert issubclass(InvalidParameterError, ValueError) and issubclass(InvalidParameterError, TypeError)
+
+
+_DETECTOR_WITH_MODEL = SimpleNamespace(log_density=lambda x: x, model=_ID_MODEL)
 
 _X = torch.rand(4, 1, 8, 8)
 _Y = torch.tensor([0, 1, 2, 0])

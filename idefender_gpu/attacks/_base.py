@@ -1,30 +1,40 @@
-"""The attack base class and the gradient loop shared by FGSM, BIM and iterative L2 (private).
+"""The attack base class, the norm table and the gradient loop shared by the Linf and L2
+attacks (private).
 
-:class:`Attack` holds everything that is the same for every attack: validation of ``x``
-and ``y``, the move to the model's device, eval mode (restored afterwards, also on
-exceptions), ``torch.enable_grad()``, clamping to ``bounds``, detaching, and the return to
-the input's device. A subclass implements one method, ``_perturb(x, y)``.
+:class:`Attack` holds everything that is the same for every attack: hyperparameter
+validation from the class's ``_parameter_constraints`` table (the one family of
+:mod:`idefender_gpu._param_validation`), validation of ``x`` and ``y``, the move to the
+model's device, eval mode (restored afterwards, also on exceptions), ``torch.enable_grad()``,
+clamping to ``bounds``, detaching, and the return to the input's device. A subclass
+implements one method, ``_perturb(x, y)``.
 
-:class:`GradientAttack` holds the gradient loop once (after Foolbox 3's
-``BaseGradientDescent``); the Linf and L2 attacks override only ``_normalize``,
-``_project`` and ``_random_start``, written with the norm helpers of this module.
+:class:`Norm` holds the norm-specific step direction, projection and random start (the
+split of Foolbox 3's ``LinfBaseGradientDescent`` / ``L2BaseGradientDescent``), one table
+entry per norm (:data:`LINF`, :data:`L2`). :class:`GradientAttack` holds the gradient loop
+once (after Foolbox 3's ``BaseGradientDescent``) and takes those pieces from its class
+attribute ``norm``; :class:`IterativeAttack` adds the one constructor of the iterative
+attacks (BIM, iterative L2).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idefender_gpu._validation import check_scalar, describe
+from idefender_gpu._param_validation import InstanceOf, Interval, Predicate, validate_params
+from idefender_gpu._validation import describe
+from idefender_gpu.features import eval_mode, model_device
 
-__all__ = ["Attack", "GradientAttack"]
+__all__ = ["Attack", "GradientAttack", "IterativeAttack", "L2", "LINF", "NORMS", "Norm"]
 
 #: Norms are floored at this value before dividing (a zero gradient stays zero).
 NORM_FLOOR = 1e-12
@@ -86,80 +96,82 @@ def l2_random_start(x: Tensor, eps: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Hyperparameter validation
+# The norm table: the norm-specific pieces of a gradient attack
 # --------------------------------------------------------------------------------------
 
 
-def check_positive(value: Any, name: str) -> None:
-    """A real number > 0."""
-    check_scalar(value, name, Real, 0, low_open=True)
-    if not value < float("inf"):
-        raise ValueError(f"The '{name}' parameter must be finite. Got {value!r} instead.")
+@dataclass(frozen=True)
+class Norm:
+    """The norm-specific pieces of a gradient attack, as one table entry.
 
+    After Foolbox 3's split of ``LinfBaseGradientDescent`` / ``L2BaseGradientDescent``:
+    the loop is written once, and a norm brings its step direction, its projection and its
+    random start.
 
-def check_count(value: Any, name: str, low: int = 1) -> None:
-    """An int >= ``low``."""
-    check_scalar(value, name, Integral, low)
-
-
-def check_bool(value: Any, name: str) -> None:
-    """A Python bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"The '{name}' parameter must be a bool. Got {value!r} instead.")
-
-
-def check_bounds(bounds: Any) -> tuple[float, float]:
-    """``(low, high)``: two finite real numbers with ``low < high``."""
-    if (
-        not isinstance(bounds, (tuple, list))
-        or len(bounds) != 2
-        or any(isinstance(b, bool) or not isinstance(b, Real) for b in bounds)
-    ):
-        raise TypeError(
-            f"The 'bounds' parameter must be a pair (low, high) of real numbers. Got {bounds!r} instead."
-        )
-    low, high = float(bounds[0]), float(bounds[1])
-    if not (low < high and abs(low) < float("inf") and abs(high) < float("inf")):
-        raise ValueError(
-            f"The 'bounds' parameter must be finite with low < high. Got {bounds!r} instead."
-        )
-    return low, high
-
-
-def check_model(model: Any, name: str = "model") -> nn.Module:
-    """An ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module; got {type(model).__name__}")
-    return model
-
-
-def module_device(module: nn.Module) -> torch.device | None:
-    """Device of the first parameter (else buffer) of ``module``; ``None`` if it has neither."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
-
-
-@contextmanager
-def eval_mode(modules: list[nn.Module]) -> Iterator[None]:
-    """Put every submodule of ``modules`` in eval mode; restore each one's own flag after.
-
-    Flags are restored module by module, so a model whose submodules were in mixed modes
-    gets exactly those modes back, also when the body raises.
+    Attributes
+    ----------
+    name : str
+        ``"linf"`` or ``"l2"``.
+    normalize : callable
+        ``grad (B, ...) -> direction (B, ...)``: the steepest-ascent direction of unit norm
+        (the sign for Linf, ``grad / max(||grad||_2, 1e-12)`` for L2).
+    project : callable
+        ``(x_adv, x, eps) -> x_adv``: back onto the eps ball around ``x``.
+    random_start : callable
+        ``(x, eps) -> x0``: a uniform sample of the eps ball around ``x``.
+    measure : callable
+        ``delta (B, ...) -> (B,)``: the per-sample norm.
     """
-    saved = {}
-    for module in modules:
-        for sub in module.modules():
-            saved.setdefault(id(sub), (sub, sub.training))
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for sub, training in saved.values():
-            sub.training = training
+
+    name: str
+    normalize: Callable[[Tensor], Tensor]
+    project: Callable[[Tensor, Tensor, float], Tensor]
+    random_start: Callable[[Tensor, float], Tensor]
+    measure: Callable[[Tensor], Tensor]
+
+
+LINF = Norm("linf", torch.sign, linf_project, linf_random_start, linf_norms)
+L2 = Norm("l2", l2_normalize, l2_project, l2_random_start, l2_norms)
+
+#: The norms by name (the ``norm=`` option of attacks that take one).
+NORMS: dict[str, Norm] = {norm.name: norm for norm in (LINF, L2)}
+
+
+# --------------------------------------------------------------------------------------
+# Hyperparameter constraints (the one family of idefender_gpu._param_validation)
+# --------------------------------------------------------------------------------------
+
+
+def _is_bounds(value: Any) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(b, Real) and not isinstance(b, bool) and math.isfinite(b) for b in value)
+        and value[0] < value[1]
+    )
+
+
+#: ``(low, high)``: two finite real numbers with ``low < high``.
+BOUNDS = Predicate(_is_bounds, "a pair (low, high) of finite real numbers with low < high")
+#: A finite real number > 0.
+POSITIVE = Interval(Real, 0, None, closed="neither")
+#: A finite real number >= 0.
+NON_NEGATIVE = Interval(Real, 0, None, closed="left")
+#: An int >= 1.
+COUNT = Interval(Integral, 1, None, closed="left")
+
+
+def has_log_density(detector: Any) -> bool:
+    """Whether ``detector`` provides a callable ``log_density``."""
+    return callable(getattr(detector, "log_density", None))
+
+
+#: A detector: ``log_density(x) -> (B, K)`` and ``thresholds_ (K,)``.
+DETECTOR = Predicate(
+    has_log_density,
+    "a detector with log_density(x) -> Tensor (B, n_classes) and thresholds_ (n_classes,), "
+    "like idefender_gpu.IDefender",
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -170,10 +182,12 @@ def eval_mode(modules: list[nn.Module]) -> Iterator[None]:
 class Attack(ABC):
     """Base class of every attack: validation, device, eval mode, clamping, detaching.
 
-    Subclasses store their hyperparameters (validated, keyword-only) and implement
-    ``_perturb(x, y)``, which receives ``x`` on the model's device with gradients enabled
-    and the model in eval mode, and returns the adversarial batch. An attack keeps no state
-    between calls.
+    Subclasses declare their hyperparameters in ``_parameter_constraints`` (a table
+    ``{name: [constraint, ...]}`` of :mod:`idefender_gpu._param_validation`; its order is
+    the order of ``repr``), pass them keyword-only to ``Attack.__init__``, which validates
+    and stores them, and implement ``_perturb(x, y)``, which receives ``x`` on the model's
+    device with gradients enabled and the model in eval mode, and returns the adversarial
+    batch. An attack keeps no state between calls.
 
     Parameters
     ----------
@@ -181,14 +195,29 @@ class Attack(ABC):
         Classifier returning logits of shape (B, n_classes).
     bounds : tuple of float, default=(0.0, 1.0)
         Valid input range ``(low, high)``; inputs must lie in it and outputs stay in it.
+    **params
+        The subclass's hyperparameters, each declared in ``_parameter_constraints``.
+
+    Raises
+    ------
+    InvalidParameterError
+        (a ``ValueError`` and a ``TypeError``) naming the first hyperparameter that
+        satisfies none of its constraints; NaN and infinity never satisfy a real interval.
     """
 
-    #: Names of the hyperparameters shown by ``repr`` (in this order).
-    _param_names: tuple[str, ...] = ("bounds",)
+    #: Hyperparameter constraints, in ``repr`` order (``model`` and ``detector`` not shown).
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        "model": [InstanceOf(nn.Module)],
+        "bounds": [BOUNDS],
+    }
 
-    def __init__(self, model: nn.Module, *, bounds: tuple[float, float] = (0.0, 1.0)) -> None:
-        self.model = check_model(model)
-        self.bounds = check_bounds(bounds)
+    def __init__(self, model: nn.Module, *, bounds: tuple[float, float] = (0.0, 1.0), **params: Any) -> None:
+        values = {"model": model, **params, "bounds": bounds}
+        table = self._parameter_constraints
+        validate_params(type(self).__name__, values, {name: table[name] for name in values})
+        values["bounds"] = (float(bounds[0]), float(bounds[1]))
+        for name, value in values.items():
+            setattr(self, name, value)
 
     # -- hooks for subclasses -------------------------------------------------------------
 
@@ -230,10 +259,13 @@ class Attack(ABC):
             out of range.
         """
         x, y = self._check_inputs(x, y)
-        device = module_device(self.model)
-        device = x.device if device is None else device
+        has_tensors = any(True for _ in self.model.parameters()) or any(True for _ in self.model.buffers())
+        device = model_device(self.model) if has_tensors else x.device  # parameter-free: x's device
         x_dev, y_dev = x.detach().to(device), y.to(device=device, dtype=torch.int64)
-        with eval_mode(self._modules()), torch.enable_grad():
+        with ExitStack() as stack:
+            for module in self._modules():
+                stack.enter_context(eval_mode(module))  # each restores its own flags, LIFO
+            stack.enter_context(torch.enable_grad())
             with torch.no_grad():
                 probe = self.model(x_dev[:1])
             n_classes = self._check_logits(probe)
@@ -244,7 +276,8 @@ class Attack(ABC):
         return x_adv.detach().clamp(low, high).to(device=x.device, dtype=x.dtype)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._param_names)
+        names = [n for n in self._parameter_constraints if n not in ("model", "detector", "bounds")]
+        params = ", ".join(f"{name}={getattr(self, name)!r}" for name in (*names, "bounds"))
         return f"{type(self).__name__}({params})"
 
     # -- validation -------------------------------------------------------------------------
@@ -306,28 +339,17 @@ class GradientAttack(Attack):
 
     One step: ``x <- clip_bounds(project_eps(x + sign * step_size * normalize(grad)))``
     with ``sign = +1`` (ascend the loss of the true class) or ``-1`` (targeted: descend the
-    loss of the target class). Subclasses set ``eps``, ``steps``, ``step_size``,
-    ``random_start`` and ``targeted`` and implement ``_normalize``, ``_project`` and
-    ``_random_start``.
+    loss of the target class); ``normalize``, ``project_eps`` and the random start come
+    from the class attribute ``norm`` (:data:`LINF` or :data:`L2`). Subclasses provide
+    ``eps``, ``steps``, ``step_size``, ``random_start`` and ``targeted``.
     """
 
+    norm: ClassVar[Norm]
     eps: float
     steps: int
     step_size: float
     random_start: bool = False
     targeted: bool = False
-
-    @abstractmethod
-    def _normalize(self, grad: Tensor) -> Tensor:
-        """Steepest-ascent direction of unit norm from a gradient ``(B, ...)``."""
-
-    @abstractmethod
-    def _project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        """Project ``x_adv`` back onto the eps ball around ``x``."""
-
-    @abstractmethod
-    def _random_start(self, x: Tensor) -> Tensor:
-        """A random point of the eps ball around ``x``."""
 
     def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample cross-entropy of the model at ``x`` for labels ``y``: ``(B,)``."""
@@ -343,13 +365,48 @@ class GradientAttack(Attack):
         is in eval mode), so the batch gradient is the stack of per-sample gradients.
         """
         low, high = self.bounds
+        norm = self.norm
         sign = -1.0 if self.targeted else 1.0
         x = x.detach()
-        x_adv = self._random_start(x).clamp(low, high) if self.random_start else x.clone()
+        x_adv = norm.random_start(x, self.eps).clamp(low, high) if self.random_start else x.clone()
         for _ in range(self.steps):
             x_adv = x_adv.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(loss_fn(x_adv, y).sum(), x_adv)
             with torch.no_grad():
-                x_adv = x_adv + (sign * self.step_size) * self._normalize(grad)
-                x_adv = self._project(x_adv, x).clamp(low, high)
+                x_adv = x_adv + (sign * self.step_size) * norm.normalize(grad)
+                x_adv = norm.project(x_adv, x, self.eps).clamp(low, high)
         return x_adv.detach()
+
+
+class IterativeAttack(GradientAttack):
+    """The iterative gradient attacks' one constructor: ``eps``, ``alpha``, ``steps``,
+    ``random_start``, ``targeted``, ``bounds`` (BIM and iterative L2 differ only in ``norm``).
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **Attack._parameter_constraints,
+        "eps": [POSITIVE],
+        "alpha": [POSITIVE],
+        "steps": [COUNT],
+        "random_start": ["boolean"],
+        "targeted": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        alpha: float,
+        steps: int = 10,
+        random_start: bool = False,
+        targeted: bool = False,
+        bounds: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
+                         targeted=targeted, bounds=bounds)
+
+    @property
+    def step_size(self) -> float:  # type: ignore[override]
+        """The paper's :math:`\\alpha`."""
+        return self.alpha

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
-from idefender_gpu.attacks._base import (
-    GradientAttack,
-    check_bool,
-    check_count,
-    check_positive,
-    linf_project,
-    linf_random_start,
-)
+from idefender_gpu.attacks._base import LINF, IterativeAttack
 
 __all__ = ["BIM"]
 
 
-class BIM(GradientAttack):
+class BIM(IterativeAttack):
     r"""Basic Iterative Method: repeated signed-gradient steps clipped to the eps ball.
 
     Paper Eq. 2 (Zheng & Hong, Section 2.1), after Kurakin et al. (2017):
@@ -87,41 +78,4 @@ class BIM(GradientAttack):
     (True, True, True)
     """
 
-    _param_names = ("eps", "alpha", "steps", "random_start", "targeted", "bounds")
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        eps: float,
-        alpha: float,
-        steps: int = 10,
-        random_start: bool = False,
-        targeted: bool = False,
-        bounds: tuple[float, float] = (0.0, 1.0),
-    ) -> None:
-        super().__init__(model, bounds=bounds)
-        check_positive(eps, "eps")
-        check_positive(alpha, "alpha")
-        check_count(steps, "steps")
-        check_bool(random_start, "random_start")
-        check_bool(targeted, "targeted")
-        self.eps = eps
-        self.alpha = alpha
-        self.steps = steps
-        self.random_start = random_start
-        self.targeted = targeted
-
-    @property
-    def step_size(self) -> float:
-        """The paper's :math:`\\alpha`."""
-        return self.alpha
-
-    def _normalize(self, grad: Tensor) -> Tensor:
-        return grad.sign()
-
-    def _project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        return linf_project(x_adv, x, self.eps)
-
-    def _random_start(self, x: Tensor) -> Tensor:
-        return linf_random_start(x, self.eps)
+    norm = LINF

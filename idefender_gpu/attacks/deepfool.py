@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu._validation import check_scalar
-from idefender_gpu.attacks._base import (
-    NORM_FLOOR,
-    Attack,
-    expand_to,
-    check_count,
-)
+from idefender_gpu._param_validation import Interval
+from idefender_gpu.attacks._base import COUNT, NON_NEGATIVE, NORM_FLOOR, Attack, expand_to
 
 __all__ = ["DeepFool"]
 
@@ -91,7 +87,12 @@ class DeepFool(Attack):
     True
     """
 
-    _param_names = ("overshoot", "max_iter", "num_classes", "bounds")
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **Attack._parameter_constraints,
+        "overshoot": [NON_NEGATIVE],
+        "max_iter": [COUNT],
+        "num_classes": [Interval(Integral, 2, None, closed="left"), None],
+    }
 
     def __init__(
         self,
@@ -102,16 +103,8 @@ class DeepFool(Attack):
         num_classes: int | None = 10,
         bounds: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        super().__init__(model, bounds=bounds)
-        check_scalar(overshoot, "overshoot", Real, 0)
-        if not overshoot < float("inf"):
-            raise ValueError(f"The 'overshoot' parameter must be finite. Got {overshoot!r} instead.")
-        check_count(max_iter, "max_iter")
-        if num_classes is not None:
-            check_scalar(num_classes, "num_classes", Integral, 2)
-        self.overshoot = overshoot
-        self.max_iter = max_iter
-        self.num_classes = num_classes
+        super().__init__(model, overshoot=overshoot, max_iter=max_iter, num_classes=num_classes,
+                         bounds=bounds)
 
     def _check_call(self, n_classes: int, device: torch.device) -> None:
         if n_classes < 2:

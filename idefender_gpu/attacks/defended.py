@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from numbers import Real
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu._validation import check_scalar
-from idefender_gpu.attacks._base import check_model
-from idefender_gpu.attacks.graybox import check_detector, detector_thresholds
+from idefender_gpu._param_validation import InstanceOf, check_param, validate_params
+from idefender_gpu.attacks._base import DETECTOR, POSITIVE
+from idefender_gpu.attacks.graybox import detector_thresholds
 
 __all__ = ["DefendedModel"]
 
@@ -92,13 +91,15 @@ class DefendedModel(nn.Module):
     torch.Size([4])
     """
 
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        "detector": [DETECTOR],
+        "scale": [POSITIVE],
+    }
+
     def __init__(self, detector: Any, *, scale: float = 1.0) -> None:
         super().__init__()
-        check_detector(detector)
-        check_model(getattr(detector, "model", None), "detector.model")
-        check_scalar(scale, "scale", Real, 0, low_open=True)
-        if not scale < float("inf"):
-            raise ValueError(f"The 'scale' parameter must be finite. Got {scale!r} instead.")
+        validate_params(type(self).__name__, {"detector": detector, "scale": scale}, self._parameter_constraints)
+        check_param(getattr(detector, "model", None), "detector.model", [InstanceOf(nn.Module)], type(self).__name__)
         self.model = detector.model
         self.detector = detector
         self.scale = scale

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import ClassVar
 
-from idefender_gpu.attacks._base import (
-    GradientAttack,
-    check_bool,
-    check_positive,
-    linf_project,
-)
+from torch import nn
+
+from idefender_gpu.attacks._base import LINF, POSITIVE, Attack, GradientAttack
 
 __all__ = ["FGSM"]
 
@@ -73,7 +70,12 @@ class FGSM(GradientAttack):
     (torch.Size([5, 1, 4, 4]), True)
     """
 
-    _param_names = ("eps", "targeted", "bounds")
+    norm = LINF
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **Attack._parameter_constraints,
+        "eps": [POSITIVE],
+        "targeted": ["boolean"],
+    }
 
     def __init__(
         self,
@@ -83,11 +85,7 @@ class FGSM(GradientAttack):
         targeted: bool = False,
         bounds: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        super().__init__(model, bounds=bounds)
-        check_positive(eps, "eps")
-        check_bool(targeted, "targeted")
-        self.eps = eps
-        self.targeted = targeted
+        super().__init__(model, eps=eps, targeted=targeted, bounds=bounds)
 
     @property
     def steps(self) -> int:
@@ -98,12 +96,3 @@ class FGSM(GradientAttack):
     def step_size(self) -> float:
         """The whole budget in one step: ``eps``."""
         return self.eps
-
-    def _normalize(self, grad: Tensor) -> Tensor:
-        return grad.sign()
-
-    def _project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        return linf_project(x_adv, x, self.eps)
-
-    def _random_start(self, x: Tensor) -> Tensor:
-        return x  # FGSM starts at x (random_start is always False)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from numbers import Real
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idefender_gpu._validation import check_options, check_scalar
+from idefender_gpu._param_validation import Options
 from idefender_gpu.attacks._base import (
+    COUNT,
+    DETECTOR,
+    NON_NEGATIVE,
+    POSITIVE,
     Attack,
     GradientAttack,
-    check_bool,
-    check_count,
-    check_positive,
 )
 from idefender_gpu.attacks.bim import BIM
 from idefender_gpu.attacks.fgsm import FGSM
@@ -49,16 +49,6 @@ def detector_thresholds(detector: Any, n_classes: int, like: Tensor) -> Tensor:
             f"{n_classes} classes; got shape {tuple(thresholds.shape)}"
         )
     return thresholds.to(device=like.device, dtype=like.dtype)
-
-
-def check_detector(detector: Any) -> Any:
-    """An object with a callable ``log_density``."""
-    if not callable(getattr(detector, "log_density", None)):
-        raise TypeError(
-            "detector must provide log_density(x) -> Tensor (B, n_classes) and thresholds_ "
-            f"(n_classes,), like idefender_gpu.IDefender; got {type(detector).__name__}"
-        )
-    return detector
 
 
 class GrayBox(Attack):
@@ -171,9 +161,17 @@ class GrayBox(Attack):
     True
     """
 
-    _param_names = (
-        "base", "alpha", "eps", "step_size", "steps", "random_start", "objective", "bounds",
-    )
+    _parameter_constraints: ClassVar[dict[str, list]] = {
+        **Attack._parameter_constraints,
+        "detector": [DETECTOR],
+        "base": [Options(str, BASES)],
+        "alpha": [NON_NEGATIVE],
+        "eps": [POSITIVE],
+        "step_size": [POSITIVE, None],
+        "steps": [COUNT, None],
+        "random_start": ["boolean"],
+        "objective": [Options(str, OBJECTIVES)],
+    }
 
     def __init__(
         self,
@@ -189,15 +187,6 @@ class GrayBox(Attack):
         objective: str = "paper",
         bounds: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        super().__init__(model, bounds=bounds)
-        self.detector = check_detector(detector)
-        check_options(base, "base", tuple(BASES))
-        check_scalar(alpha, "alpha", Real, 0)
-        if not alpha < float("inf"):
-            raise ValueError(f"The 'alpha' parameter must be finite. Got {alpha!r} instead.")
-        check_positive(eps, "eps")
-        check_bool(random_start, "random_start")
-        check_options(objective, "objective", OBJECTIVES)
         if base == "fgsm":
             for name, value, default in (
                 ("step_size", step_size, None), ("steps", steps, None), ("random_start", random_start, False),
@@ -207,22 +196,15 @@ class GrayBox(Attack):
                         f"The '{name}' parameter is not used by base='fgsm' (one step of size "
                         f"eps from x); got {value!r}. Use base='bim' for an iterative attack."
                     )
-        else:
-            if step_size is None:
-                raise ValueError(
-                    f"The 'step_size' parameter is required for base={base!r} (the step size "
-                    "of paper Eq. 2 / 3); got None."
-                )
-            check_positive(step_size, "step_size")
-            steps = 10 if steps is None else steps
-            check_count(steps, "steps")
-        self.base = base
-        self.alpha = alpha
-        self.eps = eps
-        self.step_size = step_size
-        self.steps = steps
-        self.random_start = random_start
-        self.objective = objective
+        elif base in BASES and step_size is None:
+            raise ValueError(
+                f"The 'step_size' parameter is required for base={base!r} (the step size "
+                "of paper Eq. 2 / 3); got None."
+            )
+        elif base in BASES and steps is None:
+            steps = 10
+        super().__init__(model, detector=detector, base=base, alpha=alpha, eps=eps, step_size=step_size,
+                         steps=steps, random_start=random_start, objective=objective, bounds=bounds)
 
     def _base_attack(self) -> GradientAttack:
         """The base attack with this attack's hyperparameters (built per call: no state)."""
