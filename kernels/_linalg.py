@@ -8,7 +8,8 @@ Every factor is named for what it factors:
   ``covariance = scale_tril @ scale_tril.mT``.
 
 They are related by ``prec_chol = scale_tril^{-T}``. Shapes per covariance type, with an
-optional leading batch shape ``(...)`` (usually ``(G,)``):
+optional leading batch shape ``(...)`` (usually ``(G,)``), the one table of the project
+(:func:`precision_shape`):
 
 ===========  ===================
 full         ``(..., K, D, D)``
@@ -33,6 +34,7 @@ from idefender_gpu.exceptions import NotPSDError
 __all__ = [
     "COVARIANCE_TYPES",
     "check_cholesky_info",
+    "precision_shape",
     "compute_prec_chol",
     "covariance_from_prec_chol",
     "log_det_prec_chol",
@@ -45,6 +47,52 @@ __all__ = [
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 _MATRIX_TYPES = ("full", "tied")
+
+
+def precision_shape(covariance_type: str, G: int | None, K: int, D: int) -> tuple[int, ...]:
+    """Shape of ``prec_chol`` (and of the covariances / precisions) per covariance type.
+
+    ``full (G, K, D, D)``, ``tied (G, D, D)``, ``diag (G, K, D)``, ``spherical (G, K)``;
+    ``G=None`` leaves out the group axis (one mixture, scikit-learn's shapes).
+
+    Raises
+    ------
+    ValueError
+        For a ``covariance_type`` outside :data:`COVARIANCE_TYPES`.
+    """
+    if covariance_type == "full":
+        shape: tuple[int, ...] = (K, D, D)
+    elif covariance_type == "tied":
+        shape = (D, D)
+    elif covariance_type == "diag":
+        shape = (K, D)
+    elif covariance_type == "spherical":
+        shape = (K,)
+    else:
+        raise ValueError(
+            f"covariance_type must be one of {COVARIANCE_TYPES}; got {covariance_type!r}"
+        )
+    return shape if G is None else (G, *shape)
+
+
+def _flag_non_finite(factor: Tensor, info: Tensor) -> Tensor:
+    """``info`` with ``D + 1`` where the factorisation reported success but ``factor``
+    ``(..., D, D)`` holds NaN or infinity.
+
+    LAPACK's ``potrf`` stops at a NaN pivot (``info > 0``); cuSOLVER may not, and returns
+    ``info = 0`` with a NaN factor. Checked on the device (no host synchronisation): the
+    flag travels in ``info`` to the driver's one check per iteration.
+    """
+    finite = torch.isfinite(factor).all(-1).all(-1)  # (...)
+    return torch.where(finite | (info != 0), info, factor.shape[-1] + 1).to(info.dtype)
+
+
+def _vector_info(values: Tensor, covariance_type: str) -> Tensor:
+    """Failures of diag / spherical variances or precisions: not > 0 or not finite."""
+    bad = ~((values > 0) & (values < math.inf))  # NaN fails both comparisons
+    if covariance_type == "diag":
+        return bad.sum(-1, dtype=torch.int32)  # (..., K)
+    return bad.to(torch.int32)  # (..., K)
 
 
 def _eye_like(matrix: Tensor) -> Tensor:
@@ -83,18 +131,17 @@ def compute_prec_chol(covariances: Tensor, covariance_type: str) -> tuple[Tensor
     prec_chol : Tensor
         Same shape, dtype and device as ``covariances``; undefined where ``info != 0``.
     info : Tensor of int32
-        ``(..., K)`` (``(...)`` for tied): zero where the factor exists. Check it with
-        :func:`check_cholesky_info` (one host synchronisation) before using ``prec_chol``.
+        ``(..., K)`` (``(...)`` for tied): zero where the factor exists and is finite
+        (``D + 1`` where the factorisation reported success with a NaN or infinite
+        factor, as cuSOLVER can; diag/spherical: the number of variances that are not
+        positive and finite). Check it with :func:`check_cholesky_info` (one host
+        synchronisation) before using ``prec_chol``.
     """
     if covariance_type in _MATRIX_TYPES:
         scale_tril, info = torch.linalg.cholesky_ex(covariances)  # (..., D, D), (...)
-        return prec_chol_from_scale_tril(scale_tril), info
-    positive = covariances > 0
-    if covariance_type == "diag":
-        info = (~positive).sum(-1, dtype=torch.int32)  # (..., K)
-    else:
-        info = (~positive).to(torch.int32)  # (..., K)
-    return torch.rsqrt(covariances), info
+        prec_chol = prec_chol_from_scale_tril(scale_tril)
+        return prec_chol, _flag_non_finite(prec_chol, info)
+    return torch.rsqrt(covariances), _vector_info(covariances, covariance_type)
 
 
 def prec_chol_from_precisions(precisions: Tensor, covariance_type: str) -> tuple[Tensor, Tensor]:
@@ -107,13 +154,8 @@ def prec_chol_from_precisions(precisions: Tensor, covariance_type: str) -> tuple
     if covariance_type in _MATRIX_TYPES:
         flipped = precisions.flip(-1, -2)  # (..., D, D)
         lower, info = torch.linalg.cholesky_ex(flipped)
-        return lower.flip(-1, -2), info
-    positive = precisions > 0
-    if covariance_type == "diag":
-        info = (~positive).sum(-1, dtype=torch.int32)
-    else:
-        info = (~positive).to(torch.int32)
-    return torch.sqrt(precisions), info
+        return lower.flip(-1, -2), _flag_non_finite(lower, info)
+    return torch.sqrt(precisions), _vector_info(precisions, covariance_type)
 
 
 def precision_from_prec_chol(prec_chol: Tensor, covariance_type: str) -> Tensor:

@@ -338,3 +338,71 @@ def test_linalg_keeps_dtype_and_device(covariance_type, dtype, device):
     # float32 agrees with the float64 computation
     P64, _ = ker.compute_prec_chol(cov.double(), covariance_type)
     torch.testing.assert_close(P.double(), P64, **tol(torch.float32))
+
+
+# --------------------------------------------------------------------------------------
+# The covariance-shape table; non-finite factors (issue 16 item 7)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "covariance_type, expected, expected_no_group",
+    [
+        ("full", (2, 3, 5, 5), (3, 5, 5)),
+        ("tied", (2, 5, 5), (5, 5)),
+        ("diag", (2, 3, 5), (3, 5)),
+        ("spherical", (2, 3), (3,)),
+    ],
+)
+def test_precision_shape_table(covariance_type, expected, expected_no_group):
+    assert ker.precision_shape(covariance_type, 2, 3, 5) == expected
+    assert ker.precision_shape(covariance_type, None, 3, 5) == expected_no_group
+    # the shape compute_prec_chol returns for covariances of that shape
+    rng = np.random.default_rng(3)
+    cov = covariances_with_one_failure(covariance_type, bad_value=0.5, seed=int(rng.integers(99)))
+    P, _ = ker.compute_prec_chol(t64(cov), covariance_type)
+    assert P.shape == ker.precision_shape(covariance_type, G, K, D)
+
+
+def test_precision_shape_rejects_unknown_type():
+    with pytest.raises(ValueError, match="covariance_type"):
+        ker.precision_shape("circular", 1, 2, 3)
+
+
+def _cholesky_ex_without_nan_check(real):
+    """``cholesky_ex`` as cuSOLVER may behave: a NaN pivot gives a NaN factor and
+    ``info = 0`` (LAPACK stops at it with ``info > 0``)."""
+
+    def fake(A, *args, **kwargs):
+        L, info = real(torch.nan_to_num(A, nan=1.0), *args, **kwargs)
+        nan_rows = torch.isnan(A).any(-1).any(-1)  # (...)
+        L = torch.where(nan_rows[..., None, None], torch.full_like(L, float("nan")), L)
+        return L, info
+
+    return fake
+
+
+@pytest.mark.parametrize("covariance_type", MATRIX_TYPES)
+def test_nan_factor_with_zero_info_is_flagged(covariance_type, monkeypatch):
+    """Non-regression (issue 16 item 7): a factorisation that reports success with a NaN
+    factor (cuSOLVER on a NaN pivot) must reach :func:`check_cholesky_info`."""
+    cov = t64(covariances_with_one_failure(covariance_type, bad_value=0.5))
+    where = (BAD_GROUP, BAD_COMPONENT) if covariance_type == "full" else (BAD_GROUP,)
+    cov[where + (0, 0)] = float("nan")
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", _cholesky_ex_without_nan_check(torch.linalg.cholesky_ex))
+    for convert in (ker.compute_prec_chol, ker.prec_chol_from_precisions):
+        P, info = convert(cov, covariance_type)
+        assert info.dtype == torch.int32
+        torch.testing.assert_close(info != 0, expected_failures(covariance_type))
+        assert int(info[where]) == D + 1
+        with pytest.raises(NotPSDError, match=f"group {BAD_GROUP}"):
+            ker.check_cholesky_info(info, covariance_type, F64)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("covariance_type", VECTOR_TYPES)
+def test_non_finite_variances_are_flagged(covariance_type, bad_value):
+    cov = covariances_with_one_failure(covariance_type, bad_value=bad_value)
+    for convert in (ker.compute_prec_chol, ker.prec_chol_from_precisions):
+        _, info = convert(t64(cov), covariance_type)
+        torch.testing.assert_close(info != 0, expected_failures(covariance_type))
