@@ -177,13 +177,21 @@ def parse_layers(model: nn.Module, layers: str | Sequence[str] | None = None) ->
 # --------------------------------------------------------------------------------------
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+def model_device(model: nn.Module, default: torch.device | None = torch.device("cpu")) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); ``default`` for a model with neither.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    default : torch.device or None, default=torch.device('cpu')
+        Returned when ``model`` has no parameter and no buffer (pass ``None`` to tell
+        that case apart, e.g. to follow the input's device instead).
+    """
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
         return tensor.device
-    return torch.device("cpu")
+    return default
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -195,19 +203,31 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; restore every submodule's own ``training`` flag on exit.
+def eval_mode(models: nn.Module | Iterable[nn.Module]) -> Iterator[Any]:
+    """Put ``models`` in eval mode; restore every submodule's own ``training`` flag on exit.
 
     The flags are restored one module at a time, so a model in mixed modes (say, train
     mode with frozen batch-norm layers in eval) comes back exactly as it was, even when
-    the body raises.
+    the body raises. Submodules shared by several of the given models are restored once.
+
+    Parameters
+    ----------
+    models : torch.nn.Module or iterable of torch.nn.Module
+        One model (yielded by the context manager) or several (e.g. a classifier and a
+        detector's model; ``None`` is yielded).
     """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    single = isinstance(models, nn.Module)
+    roots = [models] if single else list(models)
+    modes = {}
+    for root in roots:
+        for module in root.modules():
+            modes.setdefault(id(module), (module, module.training))
     try:
-        yield model
+        for root in roots:
+            root.eval()
+        yield models if single else None
     finally:
-        for module, training in modes:
+        for module, training in modes.values():
             module.training = training
 
 
@@ -452,17 +472,31 @@ def _split_batch(batch: Any, index: int, labelled: bool | None) -> tuple[Tensor,
     return x, y
 
 
-def _collect(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
-             progress: bool | None = None, desc: str = "hidden states") -> _Collected:
-    """Run ``loader`` through ``model`` in eval mode under ``no_grad``; gather states (private)."""
+@dataclass
+class _Batch:
+    """One loader batch run through the model (private)."""
+
+    index: int
+    states: dict[str, Tensor]  # spec -> (B, D), detached, on the model's device
+    labels: Tensor | None  # (B,) int64 on the model's device, or None for unlabelled batches
+    output: Any  # what the model returned
+    input_shape: tuple[int, ...]  # per-sample input shape (the same for every batch)
+
+
+def _batches(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
+             progress: bool | None = None, desc: str = "hidden states") -> Iterator[_Batch]:
+    """Run ``loader`` through ``model`` in eval mode under ``no_grad``, one batch at a time (private).
+
+    The hooks are attached and the eval mode set for the whole iteration; both are undone
+    when it ends, raises, or is closed early (so the caller must not run ``model`` itself
+    between two batches). Every batch is checked against batch 0 (per-sample input shape;
+    labels in all batches or none). An empty loader raises.
+    """
     device, dtype = model_device(model), model_dtype(model)
-    chunks: dict[str, list[Tensor]] = {spec.spec: [] for spec in specs}
-    labels: list[Tensor] = []
     input_shape: tuple[int, ...] | None = None
     labelled: bool | None = None
-    n_outputs: int | None = None
     disable = None if progress is None else not progress
-    with eval_mode(model), HiddenStateHooks(model, specs) as hooks, torch.no_grad():
+    with eval_mode(model), HiddenStateHooks(model, specs) as hooks:
         for index, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=disable,
                                            leave=False)):
             x, y = _split_batch(batch, index, labelled)
@@ -473,21 +507,35 @@ def _collect(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
                     f"loader inputs must all have the per-sample shape {input_shape} of batch 0; "
                     f"got shape {tuple(x.shape)} at batch {index}"
                 )
-            output = model(_to_model(x, device, dtype))
+            with torch.no_grad():  # not around the yield: the caller keeps its grad mode
+                output = model(_to_model(x, device, dtype))
             states = hooks.pop()
-            if index == 0:
-                n_outputs = output.shape[1] if isinstance(output, Tensor) and output.ndim == 2 else None
-            for spec, state in states.items():
-                chunks[spec].append(state)
             if y is not None:
-                labels.append(y.to(device=device, dtype=torch.int64, non_blocking=device.type != "cpu"))
+                y = y.to(device=device, dtype=torch.int64, non_blocking=device.type != "cpu")
+            yield _Batch(index, states, y, output, input_shape)
     if input_shape is None:
         raise ValueError("loader must yield at least one batch; got an empty loader")
+
+
+def _collect(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
+             progress: bool | None = None, desc: str = "hidden states") -> _Collected:
+    """Every batch of :func:`_batches`, concatenated (private)."""
+    chunks: dict[str, list[Tensor]] = {spec.spec: [] for spec in specs}
+    labels: list[Tensor] = []
+    n_outputs: int | None = None
+    for batch in _batches(model, loader, specs, progress=progress, desc=desc):
+        if batch.index == 0:
+            output = batch.output
+            n_outputs = output.shape[1] if isinstance(output, Tensor) and output.ndim == 2 else None
+        for spec, state in batch.states.items():
+            chunks[spec].append(state)
+        if batch.labels is not None:
+            labels.append(batch.labels)
     return _Collected(
         states={spec: torch.cat(parts) for spec, parts in chunks.items()},
-        labels=torch.cat(labels) if labelled else None,
+        labels=torch.cat(labels) if labels else None,
         n_outputs=n_outputs,
-        input_shape=input_shape,
+        input_shape=batch.input_shape,
     )
 
 

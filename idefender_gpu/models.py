@@ -37,20 +37,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from idefender_gpu._files import read_verified, write_verified
 from idefender_gpu.data import cache_dir
 
 __all__ = [
@@ -338,25 +334,6 @@ def evaluate(model: nn.Module, x: Tensor, *, batch_size: int = 1000) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _digest(config_json: str, tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over the marker, the config and every tensor (name, dtype, shape, bytes)."""
-    sha = hashlib.sha256()
-
-    def put(data: bytes) -> None:
-        sha.update(len(data).to_bytes(8, "little"))
-        sha.update(data)
-
-    put(CHECKPOINT_FORMAT.encode())
-    put(config_json.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        put(name.encode())
-        put(str(tensor.dtype).encode())
-        put(json.dumps(list(tensor.shape)).encode())
-        put(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
-
-
 def _architecture(model: nn.Module) -> str:
     for name, cls in MODELS.items():
         if type(model) is cls:
@@ -381,21 +358,8 @@ def save_checkpoint(model: nn.Module, path: Any, info: dict[str, Any] | None = N
     -------
     path : Path
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {"format_version": CHECKPOINT_VERSION, "architecture": _architecture(model), "info": info or {}}
-    config_json = json.dumps(config, sort_keys=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "config": config_json, "sha256": _digest(config_json, tensors)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_st_save(tensors, metadata=metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_verified(path, CHECKPOINT_FORMAT, config, model.state_dict())
 
 
 def load_checkpoint(path: Any, model: nn.Module) -> dict[str, Any]:
@@ -422,28 +386,8 @@ def load_checkpoint(path: Any, model: nn.Module) -> dict[str, Any]:
         the checkpoint marker, fails its digest (tampered or corrupted), was written from
         another architecture, or its tensors' names or shapes differ from ``model``'s.
     """
-    path = Path(path)
-    data = path.read_bytes()
+    config, tensors = read_verified(path, CHECKPOINT_FORMAT, kind="model checkpoint", version=CHECKPOINT_VERSION)
     where = repr(str(path))
-    try:
-        tensors = _st_load(data)
-    except SafetensorError as exc:
-        raise ValueError(f"{where} is not a model checkpoint: not a complete safetensors file "
-                         f"(truncated, corrupted, or another format such as a pickle, which is never "
-                         f"loaded): {exc}") from None
-    header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{where} is not an idefender-gpu model checkpoint: its metadata must have "
-                         f"format={CHECKPOINT_FORMAT!r}; got {metadata.get('format')!r}")
-    config_json, stored = metadata.get("config"), metadata.get("sha256")
-    if not isinstance(config_json, str) or not isinstance(stored, str) or _digest(config_json, tensors) != stored:
-        raise ValueError(f"{where} failed its integrity check: the SHA-256 digest of its config and "
-                         "tensors does not match the stored one (the file was modified or corrupted)")
-    config = json.loads(config_json)
-    if not isinstance(config, dict) or config.get("format_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{where} has an unsupported checkpoint format version "
-                         f"{config.get('format_version') if isinstance(config, dict) else None!r}")
     expected = _architecture(model)
     if config.get("architecture") != expected:
         raise ValueError(f"{where} holds weights of architecture {config.get('architecture')!r}, not "
@@ -469,6 +413,25 @@ def checkpoint_key(dataset: str, data_sha256: str, model: str, seed: int, epochs
               "epochs": int(epochs), "version": CHECKPOINT_VERSION, **TRAIN_DEFAULTS, **hyper}
     tag = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     return f"{dataset}-{model}-seed{seed}-ep{epochs}-{data_sha256[:12]}-{tag}"
+
+
+def _cached(model: nn.Module, key: str, cache: Any, use_cache: bool,
+            device: Any) -> tuple[Path, dict[str, Any] | None]:
+    """The cache file of ``key``; when it exists (and ``use_cache``), load it into ``model``.
+
+    Returns ``(path, info)``, ``info`` None when nothing was loaded. A file that fails
+    :func:`load_checkpoint`'s checks raises (it is never overwritten silently).
+    """
+    folder = Path(cache) if cache is not None else cache_dir() / "models"
+    path = folder / f"{key}.safetensors"
+    if not (use_cache and path.is_file()):
+        return path, None
+    try:
+        info = load_checkpoint(path, model)
+    except ValueError as exc:
+        raise ValueError(f"{exc}. Delete {str(path)!r} to retrain it.") from None
+    model.to(device).eval()
+    return path, {**info, "path": str(path), "cached": True, "key": key}
 
 
 def load_or_train(name: str, dataset: Any, *, seed: int = 0, epochs: int = 5, device: Any = "cpu",
@@ -508,14 +471,9 @@ def load_or_train(name: str, dataset: Any, *, seed: int = 0, epochs: int = 5, de
     model = build_model(name, dataset.n_classes)
     hyper = {k: v for k, v in train_kwargs.items() if k in ("batch_size", "lr")}
     key = checkpoint_key(dataset.name, dataset.sha256, name, seed, epochs, **hyper)
-    folder = Path(cache) if cache is not None else cache_dir() / "models"
-    path = folder / f"{key}.safetensors"
-    if use_cache and path.is_file():
-        try:
-            info = load_checkpoint(path, model)
-        except ValueError as exc:
-            raise ValueError(f"{exc}. Delete {str(path)!r} to retrain it.") from None
-        return model.to(device).eval(), {**info, "path": str(path), "cached": True, "key": key}
+    path, cached = _cached(model, key, cache, use_cache, device)
+    if cached is not None:
+        return model, cached
     start = time.perf_counter()
     train(model, dataset.x_train, dataset.y_train, epochs=epochs, seed=seed, device=device,
           progress=progress, desc=f"train model {name}", **hyper)
@@ -548,14 +506,9 @@ def load_or_train_substitute(dataset: Any, oracle: nn.Module, oracle_key: str, *
     model = build_model(name, dataset.n_classes)
     key = checkpoint_key(dataset.name, dataset.sha256, f"{name}sub", seed, epochs, oracle=oracle_key,
                          holdout=holdout, rounds=rounds, lmbda=lmbda)
-    folder = Path(cache) if cache is not None else cache_dir() / "models"
-    path = folder / f"{key}.safetensors"
-    if use_cache and path.is_file():
-        try:
-            info = load_checkpoint(path, model)
-        except ValueError as exc:
-            raise ValueError(f"{exc}. Delete {str(path)!r} to retrain it.") from None
-        return model.to(device).eval(), {**info, "path": str(path), "cached": True, "key": key}
+    path, cached = _cached(model, key, cache, use_cache, device)
+    if cached is not None:
+        return model, cached
     start = time.perf_counter()
     model.to(device)
     _, extra = train_substitute(model, oracle, dataset.x_test[:holdout], dataset.y_test[:holdout],

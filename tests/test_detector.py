@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import tol
 from idefender_gpu import IDefender, MahalanobisDetector, NotFittedError
-from idefender_gpu.detector._base import class_thresholds
+from idefender_gpu.detector._states import class_thresholds
 from idefender_gpu.metrics import roc_auc_score
 from idefender_gpu.mixture import BatchedGaussianMixture
 
@@ -538,7 +539,7 @@ def test_calibrate_needs_the_fitted_input_shape_and_classes(fitted, data):
     x, y = data
     with pytest.raises(ValueError, match="at least 1 sample\\(s\\) of every class to calibrate"):
         detector.calibrate(loader(x[y != 1], y[y != 1]))
-    with pytest.raises(ValueError, match="keep must be in \\(0.0, 1.0\\]"):
+    with pytest.raises(ValueError, match="'keep' parameter of IDefender.calibrate"):
         detector.calibrate(loader(x, y), keep=1.5)
 
 
@@ -561,18 +562,88 @@ def test_bad_query_inputs(fitted, data):
     "make, error, match",
     [
         (lambda m: IDefender(m, "fc9"), ValueError, "unknown layer 'fc9'. Valid names: '0', '1'"),
-        (lambda m: IDefender(m, keep=0.0), ValueError, "keep must be in \\(0.0, 1.0\\]; got 0.0"),
-        (lambda m: IDefender(m, keep="0.95"), TypeError, "keep must be a real number"),
-        (lambda m: IDefender(m, n_components=0), ValueError, "n_components must be an int >= 1; got 0"),
-        (lambda m: IDefender(m, covariance_type="dense"), ValueError, "covariance_type must be one of"),
-        (lambda m: IDefender(m, reg_covar=-1.0), ValueError, "reg_covar must be in \\[0.0, inf\\)"),
-        (lambda m: IDefender(m, init_params="magic"), ValueError, "init_params must be one of"),
-        (lambda m: IDefender(m, progress="yes"), TypeError, "progress must be a bool or None"),
-        (lambda m: IDefender(m, dtype="float16"), ValueError, "dtype must be one of"),
-        (lambda m: MahalanobisDetector(m, score_class="max"), ValueError, "score_class must be one of"),
-        (lambda m: IDefender(lambda x: x), TypeError, "model must be a torch.nn.Module"),
+        (lambda m: IDefender(m, 3), TypeError, r"'layers' parameter of IDefender must be None, an instance of "
+                                               r"'str' or an instance of 'list' or an instance of 'tuple'"),
+        (lambda m: IDefender(m, keep=0.0), ValueError,
+         r"The 'keep' parameter of IDefender must be a float in the range \(0.0, 1.0\]. Got 0.0 instead."),
+        (lambda m: IDefender(m, keep="0.95"), TypeError, "'keep' parameter of IDefender must be a float"),
+        (lambda m: IDefender(m, n_components=0), ValueError,
+         r"'n_components' parameter of IDefender must be an int in the range \[1, inf\). Got 0 instead."),
+        (lambda m: IDefender(m, n_components=True), TypeError, "'n_components' parameter of IDefender"),
+        (lambda m: IDefender(m, covariance_type="dense"), ValueError,
+         "'covariance_type' parameter of IDefender must be a str among .*'full'.*Got 'dense' instead"),
+        (lambda m: IDefender(m, reg_covar=-1.0), ValueError, r"'reg_covar' parameter of IDefender must be a "
+                                                            r"float in the range \[0.0, inf\)"),
+        (lambda m: IDefender(m, init_params="magic"), ValueError, "'init_params' parameter of IDefender must be "
+                                                                  "a str among .*'kmeans'"),
+        (lambda m: IDefender(m, max_iter=0), ValueError, "'max_iter' parameter of IDefender"),
+        (lambda m: IDefender(m, n_init=0), ValueError, "'n_init' parameter of IDefender"),
+        (lambda m: IDefender(m, random_state="seed"), TypeError, "'random_state' parameter of IDefender"),
+        (lambda m: IDefender(m, progress="yes"), TypeError,
+         "'progress' parameter of IDefender must be None or an instance of 'bool'. Got 'yes' instead."),
+        (lambda m: IDefender(m, dtype="float16"), ValueError,
+         "'dtype' parameter of IDefender must be None or one of 'float32', 'float64'.*Got 'float16'"),
+        (lambda m: IDefender(m, memory_budget=0), ValueError, "'memory_budget' parameter of IDefender"),
+        (lambda m: MahalanobisDetector(m, score_class="max"), ValueError,
+         "'score_class' parameter of MahalanobisDetector must be a str among .*'closest'.*Got 'max' instead"),
+        (lambda m: MahalanobisDetector(m, keep=2), ValueError, "'keep' parameter of MahalanobisDetector"),
+        (lambda m: IDefender(lambda x: x), TypeError,
+         "'model' parameter of IDefender must be an instance of 'torch.nn.modules.module.Module'"),
     ],
 )
 def test_bad_constructor_arguments(make, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         make(classifier())
+    assert isinstance(info.value, (ValueError, TypeError))
+
+
+NOT_FINITE = [float("nan"), float("inf"), -float("inf"), np.float64("nan")]
+#: every real hyper-parameter of each detector class
+REAL_PARAMS = {IDefender: ("keep", "reg_covar", "tol"), MahalanobisDetector: ("keep", "reg_covar")}
+
+
+@pytest.mark.parametrize("value", NOT_FINITE, ids=repr)
+@pytest.mark.parametrize("cls, name", [(c, n) for c, names in REAL_PARAMS.items() for n in names],
+                         ids=lambda v: getattr(v, "__name__", v))
+def test_nan_and_inf_hyper_parameters_refused(cls, name, value):
+    """Issue 11: NaN and infinity never pass a real hyper-parameter (``reg_covar=inf`` used
+    to pass, and ``nan`` compares False with every bound)."""
+    with pytest.raises(ValueError, match=f"The '{name}' parameter of {cls.__name__} must be a float in the "
+                                         f"range .*Got {re.escape(repr(value))} instead"):
+        cls(classifier(), **{name: value})
+
+
+def test_nan_keep_refused_by_calibrate_and_after_set(fitted, data):
+    x, y = data
+    detector = fitted["idefender"]
+    before = detector.thresholds_.clone()
+    for keep in (float("nan"), 1.5, 0.0):
+        with pytest.raises(ValueError, match=r"The 'keep' parameter of IDefender.calibrate must be a float "
+                                             r"in the range \(0.0, 1.0\]"):
+            detector.calibrate(loader(x, y), keep=keep)
+    torch.testing.assert_close(detector.thresholds_, before, rtol=0, atol=0)  # nothing changed
+    fresh = IDefender(classifier(), progress=False)
+    fresh.reg_covar = float("nan")  # set after construction: fit validates again, before reading data
+    with pytest.raises(ValueError, match="'reg_covar' parameter of IDefender"):
+        fresh.fit(loader(x, y))
+    assert not hasattr(fresh, "thresholds_")
+
+
+@pytest.mark.parametrize("cls", [IDefender, MahalanobisDetector])
+def test_constraint_table_declares_every_constructor_parameter(cls):
+    import inspect
+
+    assert set(inspect.signature(cls).parameters) == set(cls._parameter_constraints)
+
+
+def test_init_params_options_are_the_mixture_options():
+    """The detector declares the options it forwards to BatchedGaussianMixture: each fits,
+    and the mixture refuses what the detector refuses."""
+    from idefender_gpu.detector._idefender import INIT_PARAMS
+
+    g = torch.Generator().manual_seed(0)
+    h, groups = torch.randn(40, 2, generator=g, dtype=torch.float64), torch.arange(40) % 2
+    for option in INIT_PARAMS:
+        BatchedGaussianMixture(2, init_params=option, random_state=0, tol=10.0).fit(h, groups)
+    with pytest.raises(ValueError, match="init_params"):
+        BatchedGaussianMixture(2, init_params="magic").fit(h, groups)

@@ -7,28 +7,30 @@ per-class thresholds (paper Eq. 5). Scoring runs the classifier once per call: i
 give the predicted class, the hooks give the hidden states, and the densities give
 ``log p(H(x) | c)`` through the mixture kernels, differentiably.
 
-Subclasses choose the density (:mod:`._densities`), its fitting options, the config that
-goes into a detector file, and the class a sample is scored under.
+Jobs are split by module: hyper-parameters are declared in each class's
+``_parameter_constraints`` table and checked by :mod:`idefender_gpu._param_validation`;
+the hidden states of a loader, in one process or data-parallel, come from
+:mod:`._states`; the densities are :mod:`._densities`; the file schema is :mod:`._io`.
+Subclasses choose the density, its fitting options, the config that goes into a detector
+file, and the class a sample is scored under.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from numbers import Integral, Real
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from idefender_gpu._param_validation import InstanceOf, Interval, Predicate, check_param, validate_params
 from idefender_gpu._validation import resolve_dtype
 from idefender_gpu.detector import _io
-from idefender_gpu.detector._densities import DENSITIES, _check_tensor
-from idefender_gpu.distributed import current as current_data_parallel
+from idefender_gpu.detector._densities import DENSITIES, sum_log_density
+from idefender_gpu.detector._states import labelled_states, write_once
 from idefender_gpu.exceptions import NotFittedError
 from idefender_gpu.features import (
     HiddenStateHooks,
-    LayerSpec,
-    _collect,
     _to_model,
     eval_mode,
     model_device,
@@ -36,96 +38,12 @@ from idefender_gpu.features import (
     parse_layers,
 )
 
-__all__ = ["_DetectorBase", "class_thresholds"]
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-#: Densities whose fit is data-parallel inside ``idefender_gpu.distributed.data_parallel``
-#: (their per-layer fit is a ``BatchedGaussianMixture`` fit).
-_DATA_PARALLEL_DENSITIES = ("class_mixtures",)
-#: Input dimensions compared across ranks (with the number of elements).
-_SHAPE_DIMS = 6
+__all__ = ["_DetectorBase"]
 
 
-# --------------------------------------------------------------------------------------
-# Pure helpers
-# --------------------------------------------------------------------------------------
-
-
-def class_thresholds(scores: Tensor, labels: Tensor, n_classes: int, keep: float) -> Tensor:
-    """Per-class thresholds that keep a fraction ``keep`` of each class's samples.
-
-    For class ``c`` with ``n_c`` samples, the threshold is the ``(n_c - m_c + 1)``-th largest
-    score, ``m_c = ceil(keep * n_c)``: exactly ``m_c`` samples score at or above it when
-    there are no ties (more with ties at the threshold), so ``score < threshold`` rejects
-    at most ``1 - keep`` of the class. No loop over classes: one sort by (class, score).
-
-    Parameters
-    ----------
-    scores : Tensor of shape (N,)
-    labels : Tensor of int64, shape (N,)
-        In ``[0, n_classes)``; every class must occur.
-    n_classes : int
-    keep : float in (0, 1]
-
-    Returns
-    -------
-    thresholds : Tensor of shape (n_classes,), same dtype/device as ``scores``.
-    """
-    counts = torch.bincount(labels, minlength=n_classes)  # (C,)
-    order = torch.argsort(scores, stable=True)  # (N,) by score
-    order = order[torch.argsort(labels[order], stable=True)]  # (N,) by class, then score
-    offsets = torch.cumsum(counts, 0) - counts  # (C,)
-    # 1e-9 absorbs round-off in keep * n_c (0.95 * 20 must keep 19, not 20).
-    n_keep = torch.ceil(counts.to(torch.float64) * keep - 1e-9).to(torch.int64)  # (C,)
-    n_keep = torch.minimum(n_keep.clamp_min(1), counts)
-    return scores[order][offsets + counts - n_keep]  # (C,)
-
-
-def _sum_log_density(densities: dict[str, Any], states: dict[str, Tensor],
-                     memory_budget: int | None) -> Tensor:
-    """``Σ_layers log p(h_layer | c)`` (layers independent given the class): ``(B, n_classes)``.
-
-    Each layer's states ``(B, D)`` are cast to its density's dtype (differentiably).
-    """
-    total = None
-    for spec, density in densities.items():
-        h = states[spec]
-        if h.dtype != density.means.dtype:
-            h = h.to(density.means.dtype)
-        log_prob = density.log_prob(h, memory_budget)  # (B, C)
-        total = log_prob if total is None else total + log_prob
-    return total
-
-
-def _check_real(value: Any, name: str, low: float, high: float | None = None, *,
-                low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    below = value <= low if low_open else value < low
-    if below or (high is not None and value > high) or value != value:
-        bracket = "(" if low_open else "["
-        upper = f"{high}]" if high is not None else "inf)"
-        raise ValueError(f"{name} must be in {bracket}{low}, {upper}; got {value!r}")
-    return float(value)
-
-
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
-    return int(value)
-
-
-def _check_options(value: Any, name: str, options: Sequence[str]) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {list(options)}; got {value!r}")
-    return value
-
-
-# --------------------------------------------------------------------------------------
-# Base class
-# --------------------------------------------------------------------------------------
+def _is_dtype(value: Any) -> bool:
+    """Whether ``value`` names a compute dtype (float32 / float64) :func:`resolve_dtype` accepts."""
+    return resolve_dtype(value, torch.empty(0)) is not None
 
 
 class _DetectorBase:
@@ -133,39 +51,36 @@ class _DetectorBase:
 
     #: key of :data:`DENSITIES` naming the per-layer density
     _density_name: str = ""
+    #: Every constructor parameter and what it accepts (scikit-learn's ``_parameter_constraints``);
+    #: subclasses extend it. The layer names are resolved against the model by
+    #: :func:`~idefender_gpu.features.parse_layers` (they cannot be declared).
+    _parameter_constraints: dict[str, list] = {
+        "model": [InstanceOf(nn.Module)],
+        "layers": [None, InstanceOf(str), InstanceOf(list, tuple)],
+        "keep": [Interval(Real, 0.0, 1.0, closed="right")],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "dtype": [None, Predicate(_is_dtype, "one of 'float32', 'float64', torch.float32, torch.float64")],
+        "memory_budget": [None, Interval(Integral, 0, None, closed="neither")],
+        "progress": [None, "boolean"],
+    }
 
-    def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, *,
-                 keep: float = 0.95, reg_covar: float = 1e-4, dtype: Any = None,
-                 memory_budget: int | None = None, progress: bool | None = None) -> None:
-        self.model = model
-        self.layers = layers
-        self.keep = keep
-        self.reg_covar = reg_covar
-        self.dtype = dtype
-        self.memory_budget = memory_budget
-        self.progress = progress
-        # Fail fast: an unknown layer or a bad hyper-parameter is reported before any data
-        # is read (the detector is bound to its model, so there is nothing to clone).
+    def _init(self, params: dict[str, Any]) -> None:
+        """``__init__``: store each parameter under its own name (from the subclass's
+        ``locals()``), then validate. The detector is bound to its model, so there is
+        nothing to clone: an unknown layer or a bad hyper-parameter fails fast, before any
+        data is read."""
+        for name in self._parameter_constraints:
+            setattr(self, name, params[name])
         self._validate()
 
     # -- validation --------------------------------------------------------------------
 
-    def _validate(self) -> tuple[LayerSpec, ...]:
-        """Check the hyper-parameters; return the resolved layer specs."""
-        specs = parse_layers(self.model, self.layers)
-        _check_real(self.keep, "keep", 0.0, 1.0, low_open=True)
-        _check_real(self.reg_covar, "reg_covar", 0.0)
-        if self.dtype is not None:
-            resolve_dtype(self.dtype, torch.empty(0))
-        if self.memory_budget is not None:
-            _check_int(self.memory_budget, "memory_budget", 1)
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise TypeError(f"progress must be a bool or None; got {self.progress!r}")
-        self._validate_options()
-        return specs
-
-    def _validate_options(self) -> None:
-        """Subclass hyper-parameters."""
+    def _validate(self):
+        """Check the hyper-parameters (their current values); return the resolved layer specs."""
+        owner = type(self).__name__
+        validate_params(owner, {name: getattr(self, name) for name in self._parameter_constraints},
+                        self._parameter_constraints)
+        return parse_layers(self.model, self.layers)
 
     def _fit_options(self, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         """Keyword arguments for the density's ``fit``."""
@@ -210,6 +125,16 @@ class _DetectorBase:
         self._check_is_fitted()
         return {spec: getattr(density, name) for spec, density in self._densities.items()}
 
+    @property
+    def means_(self) -> dict[str, Tensor]:
+        """Per layer, the fitted means with a leading ``n_classes`` axis (shapes: the class docstring)."""
+        return self._per_layer("means")
+
+    @property
+    def precisions_cholesky_(self) -> dict[str, Tensor]:
+        """Per layer, the fitted precision Cholesky factors (shapes: the class docstring)."""
+        return self._per_layer("prec_chol")
+
     def _densities_on(self, device: torch.device) -> dict[str, Any]:
         """The fitted densities on ``device``; moved once (with ``thresholds_``) if the model moved."""
         first = next(iter(self._densities.values()))
@@ -218,85 +143,10 @@ class _DetectorBase:
             self.thresholds_ = self.thresholds_.to(device)
         return self._densities
 
-    # -- data --------------------------------------------------------------------------
-
-    def _labelled_states(self, loader: Iterable, specs, n_classes: int | None, what: str):
-        """Hidden states, labels, number of classes and input shape of a labelled loader.
-
-        Inside ``data_parallel`` the loader is this rank's shard: an error on any rank is
-        raised on every rank, and the per-class counts are those of all ranks.
-        """
-        setting = current_data_parallel()
-
-        def collect():
-            collected = _collect(self.model, loader, specs, progress=self.progress,
-                                 desc=f"{what}: hidden states")
-            if collected.labels is None:
-                raise ValueError(f"loader must yield (inputs, labels) pairs to {what} a detector; got inputs only")
-            n_out = n_classes
-            if n_out is None:
-                if collected.n_outputs is None:
-                    raise ValueError(
-                        "model must return logits of shape (B, n_classes) to be guarded by a detector; "
-                        "got another output"
-                    )
-                n_out = collected.n_outputs
-            low, high = (int(v) for v in torch.aminmax(collected.labels))
-            if low < 0 or high >= n_out:
-                raise ValueError(
-                    f"loader labels must be class labels in [0, n_classes) = [0, {n_out}) (n_classes "
-                    f"is the width of the model's output); got label {low if low < 0 else high}"
-                )
-            shape = list(collected.input_shape[:_SHAPE_DIMS])
-            shape += [0] * (_SHAPE_DIMS - len(shape))
-            numel = int(torch.Size(collected.input_shape).numel())
-            return [n_out, len(collected.input_shape), numel, *shape], (collected, n_out)
-
-        if setting is None:
-            collected, n_classes = collect()[1]
-            counts = torch.bincount(collected.labels, minlength=n_classes)
-        else:
-            (collected, n_classes), table = setting.exchange(collect, 3 + _SHAPE_DIMS,
-                                                             f"collecting the hidden states to {what}")
-            if any(row != table[0] for row in table):
-                got = ", ".join(f"{row[0]} classes and per-sample input shape {tuple(row[3:3 + row[1]])}"
-                                f" on rank {r}" for r, row in enumerate(table))
-                raise ValueError(
-                    "loader inputs must have the same per-sample shape, and the model the same "
-                    f"number of classes, on every rank of a data-parallel fit; got {got}"
-                )
-            (counts,) = setting.sum_parts(
-                lambda: [torch.bincount(collected.labels, minlength=n_classes)], [(n_classes,)],
-                torch.int64, collected.labels.device, "counting the samples of each class")
-        labels = collected.labels
-        counts = counts.tolist()
-        need = self._min_per_class() if what == "fit" else 1
-        short = [c for c, n in enumerate(counts) if n < need]
-        if short:
-            c = short[0]
-            raise ValueError(
-                f"loader must hold at least {need} sample(s) of every class to {what} the "
-                f"detector; got {counts[c]} of class {c}"
-                + (f" ({len(short)} classes short)" if len(short) > 1 else "")
-            )
-        return collected.states, labels, n_classes, collected.input_shape
-
-    @staticmethod
-    def _thresholds(scores: Tensor, labels: Tensor, n_classes: int, keep: float) -> Tensor:
-        """:func:`class_thresholds`; inside ``data_parallel`` over the scores of every rank
-        (one score and one label per sample are gathered: the thresholds are exact
-        per-class order statistics)."""
-        setting = current_data_parallel()
-        if setting is not None:
-            scores = setting.gather_rows(scores, "gathering the training scores")
-            labels = setting.gather_rows(labels, "gathering the training labels")
-        return class_thresholds(scores, labels, n_classes, keep)
-
-    def _true_class_scores(self, states: dict[str, Tensor], labels: Tensor) -> Tensor:
-        """``log p(H(x) | y)`` of collected states under their labels, ``(N,)``, no graph."""
-        with torch.no_grad():
-            log_density = self._layers_log_density(states)  # (N, C)
-        return log_density.gather(1, labels.unsqueeze(1)).squeeze(1)  # (N,)
+    def _layers_log_density(self, states: dict[str, Tensor]) -> Tensor:
+        """Sum over layers of ``log p(h_layer | c)``: ``(B, n_classes)``."""
+        first = next(iter(states.values()))
+        return sum_log_density(self._densities_on(first.device), states, self.memory_budget)
 
     # -- public API --------------------------------------------------------------------
 
@@ -349,27 +199,22 @@ class _DetectorBase:
         writes the file.
         """
         specs = self._validate()
-        setting = current_data_parallel()
-        if setting is not None and self._density_name not in _DATA_PARALLEL_DENSITIES:
-            raise NotImplementedError(
-                f"{type(self).__name__}.fit is not data-parallel yet: fit it in one process, "
-                "outside idefender_gpu.distributed.data_parallel"
-            )
-        states, labels, n_classes, input_shape = self._labelled_states(loader, specs, None, "fit")
-        first = next(iter(states.values()))
+        density_cls = DENSITIES[self._density_name]
+        data = labelled_states(self.model, loader, specs, what="fit", min_per_class=self._min_per_class(),
+                               progress=self.progress, owner=type(self).__name__,
+                               data_parallel=density_cls.data_parallel)
+        first = next(iter(data.states.values()))
         dtype = resolve_dtype(self.dtype, first)
         options = self._fit_options(dtype, first.device)
-        density_cls = DENSITIES[self._density_name]
-        states = {spec: H.to(dtype) for spec, H in states.items()}
+        data = data.cast(dtype)
         # A loop over layers (different D), never over classes: one batched fit per layer.
         # Inside data_parallel each fit is data-parallel over the ranks' hidden states.
-        densities = {spec: density_cls.fit(H, labels, n_classes, options) for spec, H in states.items()}
-        with setting.guard("scoring its training data") if setting else nullcontext(), torch.no_grad():
-            log_density = _sum_log_density(densities, states, self.memory_budget)  # (N, C)
-            scores = log_density.gather(1, labels.unsqueeze(1)).squeeze(1)  # (N,)
-        thresholds = self._thresholds(scores, labels, n_classes, float(self.keep))
+        densities = {spec: density_cls.fit(H, data.labels, data.n_classes, options)
+                     for spec, H in data.states.items()}
+        thresholds = data.thresholds(lambda states: sum_log_density(densities, states, self.memory_budget),
+                                     float(self.keep))
         # Everything succeeded: only now touch the fitted state.
-        self._set_fitted(specs, densities, n_classes, input_shape, thresholds, self.keep)
+        self._set_fitted(specs, densities, data.n_classes, data.input_shape, thresholds, self.keep)
         return self
 
     def calibrate(self, loader: Iterable, keep: float | None = None) -> "_DetectorBase":
@@ -389,18 +234,15 @@ class _DetectorBase:
         """
         self._check_is_fitted()
         keep = self.keep if keep is None else keep
-        _check_real(keep, "keep", 0.0, 1.0, low_open=True)
-        states, labels, _, input_shape = self._labelled_states(loader, self._specs, self.n_classes_,
-                                                               "calibrate")
-        if input_shape != self.input_shape_:
+        check_param(keep, "keep", self._parameter_constraints["keep"], f"{type(self).__name__}.calibrate")
+        data = labelled_states(self.model, loader, self._specs, what="calibrate", n_classes=self.n_classes_,
+                               progress=self.progress, owner=type(self).__name__)
+        if data.input_shape != self.input_shape_:
             raise ValueError(
                 f"loader inputs must have the per-sample shape {self.input_shape_} the detector was "
-                f"fitted on; got {input_shape}"
+                f"fitted on; got {data.input_shape}"
             )
-        setting = current_data_parallel()
-        with setting.guard("scoring its calibration data") if setting else nullcontext():
-            scores = self._true_class_scores(states, labels)
-        self.thresholds_ = self._thresholds(scores, labels, self.n_classes_, float(keep))
+        self.thresholds_ = data.thresholds(self._layers_log_density, float(keep))
         self.keep = self.keep_ = float(keep)
         return self
 
@@ -426,11 +268,6 @@ class _DetectorBase:
             got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"model must return logits of shape (B, {self.n_classes_}); got {got}")
         return logits, states
-
-    def _layers_log_density(self, states: dict[str, Tensor]) -> Tensor:
-        """Sum over layers of ``log p(h_layer | c)``: ``(B, n_classes)``."""
-        first = next(iter(states.values()))
-        return _sum_log_density(self._densities_on(first.device), states, self.memory_budget)
 
     def log_density(self, x: Tensor, classes: Tensor | None = None) -> Tensor:
         """``log p(H(x) | c)``: an ordinary, differentiable function of the input.
@@ -540,30 +377,15 @@ class _DetectorBase:
         path : str or os.PathLike
         """
         self._check_is_fitted()
-        dtype = next(iter(self._densities.values())).means.dtype
-        config = {
-            "format_version": _io.FORMAT_VERSION,
-            "detector": type(self).__name__,
-            "density": self._density_name,
-            "layers": list(self.layers_),
-            "n_features": [self.n_features_[spec] for spec in self.layers_],
-            "n_classes": self.n_classes_,
-            "input_shape": list(self.input_shape_),
-            "keep": self.keep_,
-            "dtype": str(dtype).replace("torch.", ""),
-            "params": self._config(),
-        }
-        tensors = {"thresholds": self.thresholds_}
-        for index, spec in enumerate(self.layers_):
-            for name, tensor in self._densities[spec].tensors().items():
-                tensors[f"layers.{index}.{name}"] = tensor
-        setting = current_data_parallel()
-        if setting is None:
-            _io.write_detector_file(path, config, tensors)
-            return
-        with setting.guard("saving the detector"):
-            if setting.rank == 0:
-                _io.write_detector_file(path, config, tensors)
+        header = _io.DetectorHeader(
+            detector=type(self).__name__, density=self._density_name, layers=self.layers_,
+            n_features=tuple(self.n_features_[spec] for spec in self.layers_), n_classes=self.n_classes_,
+            input_shape=self.input_shape_, keep=self.keep_,
+            dtype=next(iter(self._densities.values())).means.dtype, params=self._config(),
+        )
+        config, tensors = _io.detector_record(header, self.thresholds_,
+                                              [self._densities[spec].tensors() for spec in self.layers_])
+        write_once(lambda: _io.write_detector_file(path, config, tensors), "saving the detector")
 
     @classmethod
     def load(cls, path: Any, model: nn.Module) -> "_DetectorBase":
@@ -593,37 +415,25 @@ class _DetectorBase:
         """
         config, tensors = _io.read_detector_file(path)
         where = f"{str(path)!r}"
-        fields = {"detector": str, "density": str, "layers": list, "n_features": list, "n_classes": int,
-                  "input_shape": list, "keep": (int, float), "dtype": str, "params": dict}
-        for key, kind in fields.items():
-            if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
-                raise ValueError(f"{where} is not a valid detector file: config field {key!r} is missing or malformed")
-        if config["detector"] != cls.__name__ or config["density"] != cls._density_name:
-            raise ValueError(f"{where} holds a {config['detector']}, not a {cls.__name__}; load it with "
-                             f"{config['detector']}.load")
-        layers, widths = config["layers"], config["n_features"]
-        if not layers or len(widths) != len(layers) or config["dtype"] not in _DTYPES \
-                or not all(isinstance(v, int) and v > 0 for v in [*widths, *config["input_shape"]]) \
-                or config["n_classes"] < 1:
-            raise ValueError(f"{where} is not a valid detector file: its config is inconsistent")
+        header, thresholds = _io.parse_detector_record(config, tensors, detector=cls.__name__,
+                                                       density=cls._density_name, where=where)
         try:
-            detector = cls(model, layers, keep=config["keep"], dtype=config["dtype"], **config["params"])
+            detector = cls(model, list(header.layers), keep=header.keep, dtype=config["dtype"], **header.params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} does not fit this model or is malformed: {exc}") from None
-        n_classes, input_shape = config["n_classes"], tuple(config["input_shape"])
-        specs = parse_layers(model, layers)
-        detector._check_model_matches(specs, n_classes, input_shape, widths, where)
-        dtype, density_cls = _DTYPES[config["dtype"]], DENSITIES[cls._density_name]
+        specs = parse_layers(model, detector.layers)
+        detector._check_model_matches(specs, header.n_classes, header.input_shape, header.n_features, where)
+        density_cls = DENSITIES[cls._density_name]
         device = model_device(model)
         densities = {}
         for index, spec in enumerate(specs):
             density = density_cls.from_tensors(
-                tensors, n_classes=n_classes, n_features=widths[index], config=detector._config(),
-                dtype=dtype, prefix=f"layers.{index}.",
+                tensors, n_classes=header.n_classes, n_features=header.n_features[index],
+                config=detector._config(), dtype=header.dtype, prefix=_io.layer_prefix(index),
             )
             densities[spec.spec] = density.to(device)
-        thresholds = _check_tensor(tensors, "thresholds", (n_classes,), dtype).to(device)
-        detector._set_fitted(specs, densities, n_classes, input_shape, thresholds, config["keep"])
+        detector._set_fitted(specs, densities, header.n_classes, header.input_shape, thresholds.to(device),
+                             header.keep)
         return detector
 
     def _check_model_matches(self, specs, n_classes: int, input_shape: tuple[int, ...],

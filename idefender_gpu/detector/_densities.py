@@ -10,41 +10,45 @@ uses: no second copy of the math), differentiably with respect to ``h``:
   covariance shared by all classes, evaluated as a single group whose ``K`` components are
   the classes with the kernel's ``'tied'`` covariance; ``log p(h | c) = log N(h | μ_c, Σ)``.
 
-Both expose ``log_prob(h) -> (B, n_classes)``, ``tensors()`` / ``from_tensors()`` for the
-file format (with shape checks), and ``to(device)``.
+Both expose ``fit(H, labels, n_classes, options)``, ``log_prob(h) -> (B, n_classes)``,
+``tensors()`` / ``from_tensors()`` for the file format (with shape checks), ``to(device)``
+and ``data_parallel`` (whether ``fit`` works inside ``data_parallel``).
+:func:`sum_log_density` sums the layers' log-densities.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from idefender_gpu import kernels
+from idefender_gpu.detector._io import file_tensor
 from idefender_gpu.mixture import BatchedGaussianMixture
 
-__all__ = ["ClassMixtures", "SharedCovarianceGaussians", "DENSITIES"]
+__all__ = ["ClassMixtures", "DENSITIES", "SharedCovarianceGaussians", "sum_log_density"]
 
 
 def _prec_chol_shape(covariance_type: str, C: int, K: int, D: int) -> tuple[int, ...]:
     return {"full": (C, K, D, D), "tied": (C, D, D), "diag": (C, K, D), "spherical": (C, K)}[covariance_type]
 
 
-def _check_tensor(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A tensor of the file, with the shape and dtype the config implies, finite."""
-    if name not in tensors:
-        raise ValueError(f"detector file must hold tensor {name!r}; it is missing")
-    tensor = tensors[name]
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise ValueError(
-            f"detector file tensor {name!r} must have shape {tuple(shape)} and dtype {dtype} (from "
-            f"its config); got shape {tuple(tensor.shape)}, dtype {tensor.dtype}"
-        )
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"detector file tensor {name!r} must be finite; got NaN or infinity")
-    return tensor
+def sum_log_density(densities: dict[str, Any], states: dict[str, Tensor],
+                    memory_budget: int | None) -> Tensor:
+    """``Σ_layers log p(h_layer | c)`` (layers independent given the class): ``(B, n_classes)``.
+
+    Each layer's states ``(B, D)`` are cast to its density's dtype (differentiably).
+    """
+    total = None
+    for spec, density in densities.items():
+        h = states[spec]
+        if h.dtype != density.means.dtype:
+            h = h.to(density.means.dtype)
+        log_prob = density.log_prob(h, memory_budget)  # (B, C)
+        total = log_prob if total is None else total + log_prob
+    return total
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class ClassMixtures:
     means: Tensor
     prec_chol: Tensor
     covariance_type: str
+    #: the fit is a BatchedGaussianMixture fit, data-parallel inside ``data_parallel``
+    data_parallel: ClassVar[bool] = True
 
     @classmethod
     def fit(cls, H: Tensor, labels: Tensor, n_classes: int, options: dict[str, Any]) -> "ClassMixtures":
@@ -95,9 +101,9 @@ class ClassMixtures:
                      config: dict[str, Any], dtype: torch.dtype, prefix: str) -> "ClassMixtures":
         C, D, K = n_classes, n_features, int(config["n_components"])
         ctype = config["covariance_type"]
-        weights = _check_tensor(tensors, prefix + "weights", (C, K), dtype)
-        means = _check_tensor(tensors, prefix + "means", (C, K, D), dtype)
-        prec_chol = _check_tensor(tensors, prefix + "prec_chol", _prec_chol_shape(ctype, C, K, D), dtype)
+        weights = file_tensor(tensors, prefix + "weights", (C, K), dtype)
+        means = file_tensor(tensors, prefix + "means", (C, K, D), dtype)
+        prec_chol = file_tensor(tensors, prefix + "prec_chol", _prec_chol_shape(ctype, C, K, D), dtype)
         return cls(weights, means, prec_chol, ctype)
 
 
@@ -115,6 +121,8 @@ class SharedCovarianceGaussians:
 
     means: Tensor
     prec_chol: Tensor
+    #: the closed-form fit is not data-parallel yet
+    data_parallel: ClassVar[bool] = False
 
     @classmethod
     def fit(cls, H: Tensor, labels: Tensor, n_classes: int, options: dict[str, Any]) -> "SharedCovarianceGaussians":
@@ -153,8 +161,8 @@ class SharedCovarianceGaussians:
     def from_tensors(cls, tensors: dict[str, Tensor], *, n_classes: int, n_features: int,
                      config: dict[str, Any], dtype: torch.dtype, prefix: str) -> "SharedCovarianceGaussians":
         C, D = n_classes, n_features
-        means = _check_tensor(tensors, prefix + "means", (C, D), dtype)
-        prec_chol = _check_tensor(tensors, prefix + "prec_chol", (D, D), dtype)
+        means = file_tensor(tensors, prefix + "means", (C, D), dtype)
+        prec_chol = file_tensor(tensors, prefix + "prec_chol", (D, D), dtype)
         return cls(means, prec_chol)
 
 

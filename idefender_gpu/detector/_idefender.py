@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,10 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from idefender_gpu import kernels
-from idefender_gpu.detector._base import _check_int, _check_options, _check_real, _DetectorBase
-from idefender_gpu.mixture._base import INIT_PARAMS
+from idefender_gpu._param_validation import InstanceOf, Interval, Options
+from idefender_gpu.detector._base import _DetectorBase
 
 __all__ = ["IDefender"]
+
+#: ``init_params`` of :class:`~idefender_gpu.mixture.BatchedGaussianMixture` (scikit-learn's four)
+INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 
 
 class IDefender(_DetectorBase):
@@ -116,6 +119,17 @@ class IDefender(_DetectorBase):
     """
 
     _density_name = "class_mixtures"
+    _parameter_constraints: dict[str, list] = {
+        **_DetectorBase._parameter_constraints,
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "covariance_type": [Options(str, kernels.COVARIANCE_TYPES)],
+        "tol": [Interval(Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "init_params": [Options(str, INIT_PARAMS)],
+        "random_state": [None, Interval(Integral, None, None, closed="neither"),
+                         InstanceOf(np.random.RandomState, np.random.Generator, torch.Generator)],
+    }
 
     def __init__(
         self,
@@ -135,23 +149,7 @@ class IDefender(_DetectorBase):
         memory_budget: int | None = None,
         progress: bool | None = None,
     ) -> None:
-        self.n_components = n_components
-        self.covariance_type = covariance_type
-        self.tol = tol
-        self.max_iter = max_iter
-        self.n_init = n_init
-        self.init_params = init_params
-        self.random_state = random_state
-        super().__init__(model, layers, keep=keep, reg_covar=reg_covar, dtype=dtype,
-                         memory_budget=memory_budget, progress=progress)
-
-    def _validate_options(self) -> None:
-        _check_int(self.n_components, "n_components", 1)
-        _check_options(self.covariance_type, "covariance_type", kernels.COVARIANCE_TYPES)
-        _check_real(self.tol, "tol", 0.0)
-        _check_int(self.max_iter, "max_iter", 1)
-        _check_int(self.n_init, "n_init", 1)
-        _check_options(self.init_params, "init_params", INIT_PARAMS)
+        self._init(locals())
 
     def _min_per_class(self) -> int:
         return max(2, self.n_components)
@@ -189,13 +187,3 @@ class IDefender(_DetectorBase):
     def weights_(self) -> dict[str, Tensor]:
         """Per layer, the mixture weights ``(n_classes, K)``."""
         return self._per_layer("weights")
-
-    @property
-    def means_(self) -> dict[str, Tensor]:
-        """Per layer, the component means ``(n_classes, K, D)``."""
-        return self._per_layer("means")
-
-    @property
-    def precisions_cholesky_(self) -> dict[str, Tensor]:
-        """Per layer, the precision Cholesky factors with a leading ``n_classes`` axis."""
-        return self._per_layer("prec_chol")

@@ -1,72 +1,68 @@
-"""Detector files: one safetensors file, tensors plus a JSON config in its metadata (private).
+"""Detector files: the schema of a fitted detector in one verified safetensors file (private).
 
-Layout of the safetensors metadata (a ``str -> str`` map):
+The bytes (safetensors, the JSON config in its metadata, the SHA-256 digest, atomic writes,
+never unpickling) are :mod:`idefender_gpu._files`'s job, shared with model checkpoints. This
+module holds what a *detector* file contains:
 
-* ``"format"``: the marker :data:`FORMAT`;
-* ``"config"``: the detector's config as JSON (format version, detector class, layers,
-  per-layer widths, number of classes, covariance type, ``keep``, hyper-parameters);
-* ``"sha256"``: a SHA-256 digest over the marker, the config string and every tensor's name,
-  dtype, shape and bytes, in name order.
+* the config (:class:`DetectorHeader`): format version, detector class, density, layer
+  specs and their widths, number of classes, per-sample input shape, ``keep``, dtype and the
+  detector's own hyper-parameters (``params``);
+* the tensors: ``"thresholds"`` ``(n_classes,)`` and, for the layer at position ``i``, the
+  density's tensors under the prefix ``"layers.{i}."`` (:func:`layer_prefix`); every tensor
+  is checked against the shape and dtype the config implies, and for finiteness, by
+  :func:`file_tensor`.
 
-Reading never unpickles anything: the file is parsed by ``safetensors`` (a JSON header
-and raw little-endian tensor bytes), so a crafted file cannot run code. The digest detects
-truncation, corruption and edits made without recomputing it; it is a checksum, not a
-signature (someone who rewrites the file can recompute it), so a loader still checks
-every tensor's shape against the config and the config against the model.
+:func:`write_detector_file` and :func:`read_detector_file` move ``(config, tensors)``
+to and from a file; :func:`detector_record` and :func:`parse_detector_record` translate
+between them and a :class:`DetectorHeader`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 from torch import Tensor
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "read_detector_file", "write_detector_file"]
+from idefender_gpu import _files
+
+__all__ = [
+    "DTYPES",
+    "DetectorHeader",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "detector_record",
+    "digest",
+    "file_tensor",
+    "layer_prefix",
+    "parse_detector_record",
+    "read_detector_file",
+    "write_detector_file",
+]
 
 FORMAT = "idefender-gpu/detector"
 FORMAT_VERSION = 1
+#: dtype names of a detector file -> torch dtypes
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: config fields and their JSON types (bool is never an int here)
+_FIELDS = {"detector": str, "density": str, "layers": list, "n_features": list, "n_classes": int,
+           "input_shape": list, "keep": (int, float), "dtype": str, "params": dict}
 
 
-def _check_path(path: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
-    return Path(path)
+# --------------------------------------------------------------------------------------
+# Bytes: the verified file
+# --------------------------------------------------------------------------------------
 
 
 def digest(config_json: str, tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over the marker, the config string and the tensors (length-prefixed fields)."""
-    sha = hashlib.sha256()
-
-    def put(data: bytes) -> None:
-        sha.update(len(data).to_bytes(8, "little"))
-        sha.update(data)
-
-    put(FORMAT.encode())
-    put(config_json.encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        put(name.encode())
-        put(str(tensor.dtype).encode())
-        put(json.dumps(list(tensor.shape)).encode())
-        put(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
+    """SHA-256 of a detector file's config string and tensors (see :func:`idefender_gpu._files.digest`)."""
+    return _files.digest(FORMAT, config_json, tensors)
 
 
 def write_detector_file(path: Any, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Write ``tensors`` and ``config`` (JSON-able) to ``path`` as one safetensors file."""
-    path = _check_path(path)
-    config_json = json.dumps(config, sort_keys=True)
-    cpu = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
-    metadata = {"format": FORMAT, "config": config_json, "sha256": digest(config_json, cpu)}
-    path.write_bytes(_st_save(cpu, metadata=metadata))
+    """Write ``tensors`` and ``config`` (JSON-able) to ``path`` as one verified safetensors file."""
+    _files.write_verified(path, FORMAT, config, tensors)
 
 
 def read_detector_file(path: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -74,49 +70,142 @@ def read_detector_file(path: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
     Raises
     ------
+    TypeError
+        If ``path`` is not a str or ``os.PathLike``.
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
         If the file is not a safetensors file (truncated, a pickle, anything else), has no
         detector marker, holds an unreadable or unsupported config, or fails the digest.
     """
-    path = _check_path(path)
-    data = path.read_bytes()
-    where = f"{str(path)!r}"
-    try:
-        tensors = _st_load(data)
-    except SafetensorError as exc:
+    return _files.read_verified(path, FORMAT, kind="detector file", version=FORMAT_VERSION)
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DetectorHeader:
+    """What a detector file says about the detector, besides its tensors.
+
+    Attributes
+    ----------
+    detector : str
+        The detector's class name (``"IDefender"``, ``"MahalanobisDetector"``).
+    density : str
+        The per-layer density's name (a key of ``detector._densities.DENSITIES``).
+    layers : tuple of str
+        Canonical layer specs, in order.
+    n_features : tuple of int
+        Width D of each layer.
+    n_classes : int
+    input_shape : tuple of int
+        Per-sample input shape.
+    keep : float
+    dtype : torch.dtype
+        Of every fitted tensor.
+    params : dict
+        The detector's hyper-parameters, JSON-able (passed back to its constructor).
+    """
+
+    detector: str
+    density: str
+    layers: tuple[str, ...]
+    n_features: tuple[int, ...]
+    n_classes: int
+    input_shape: tuple[int, ...]
+    keep: float
+    dtype: torch.dtype
+    params: dict[str, Any]
+
+
+def layer_prefix(index: int) -> str:
+    """Prefix of the tensors of the layer at position ``index``."""
+    return f"layers.{index}."
+
+
+def file_tensor(tensors: dict[str, Tensor], name: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """The tensor ``name`` of a file, with the shape and dtype its config implies, finite."""
+    tensor = tensors.get(name)
+    if tensor is None:
+        raise ValueError(f"detector file must hold tensor {name!r}; it is missing")
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
         raise ValueError(
-            f"{where} is not a detector file: it is not a complete safetensors file (truncated, "
-            f"corrupted, or another format such as a pickle, which is never loaded): {exc}"
-        ) from None
-    # safetensors validated the header above: 8-byte little-endian length, then JSON.
-    header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{where} is not an idefender-gpu detector file: its metadata must have "
-            f"format={FORMAT!r}; got {metadata.get('format')!r}"
+            f"detector file tensor {name!r} must have shape {tuple(shape)} and dtype {dtype} (from "
+            f"its config); got shape {tuple(tensor.shape)}, dtype {tensor.dtype}"
         )
-    config_json = metadata.get("config")
-    stored_digest = metadata.get("sha256")
-    if not isinstance(config_json, str) or not isinstance(stored_digest, str):
-        raise ValueError(f"{where} is not a valid detector file: its metadata must hold 'config' and 'sha256'")
-    if digest(config_json, tensors) != stored_digest:
-        raise ValueError(
-            f"{where} failed its integrity check: the SHA-256 digest of its config and tensors "
-            "does not match the one stored in the file (the file was modified or corrupted)"
-        )
-    try:
-        config = json.loads(config_json)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not a valid detector file: its config is not JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} is not a valid detector file: its config must be a JSON object")
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{where} has detector file format version {version!r}; this idefender-gpu reads "
-            f"version {FORMAT_VERSION}"
-        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"detector file tensor {name!r} must be finite; got NaN or infinity")
+    return tensor
+
+
+def detector_record(header: DetectorHeader, thresholds: Tensor,
+                    layer_tensors: Sequence[dict[str, Tensor]]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config, tensors)`` of a detector file.
+
+    Parameters
+    ----------
+    header : DetectorHeader
+    thresholds : Tensor of shape (n_classes,)
+    layer_tensors : sequence of dict of str to Tensor
+        Per layer (in ``header.layers`` order), the density's tensors by name.
+    """
+    config = {
+        "format_version": FORMAT_VERSION,
+        "detector": header.detector,
+        "density": header.density,
+        "layers": list(header.layers),
+        "n_features": list(header.n_features),
+        "n_classes": header.n_classes,
+        "input_shape": list(header.input_shape),
+        "keep": header.keep,
+        "dtype": str(header.dtype).replace("torch.", ""),
+        "params": header.params,
+    }
+    tensors = {"thresholds": thresholds}
+    for index, layer in enumerate(layer_tensors):
+        for name, tensor in layer.items():
+            tensors[layer_prefix(index) + name] = tensor
     return config, tensors
+
+
+def parse_detector_record(config: dict[str, Any], tensors: dict[str, Tensor], *, detector: str,
+                          density: str, where: str) -> tuple[DetectorHeader, Tensor]:
+    """Check a file's config and its thresholds; the header and ``thresholds (n_classes,)``.
+
+    Parameters
+    ----------
+    config, tensors
+        As :func:`read_detector_file` returns them.
+    detector, density : str
+        The detector class and density the caller loads.
+    where : str
+        The file, for messages.
+
+    Raises
+    ------
+    ValueError
+        If a field is missing or malformed, the file holds another detector, or the
+        config is inconsistent (no layers, widths not matching layers, unknown dtype,
+        non-positive sizes), or the thresholds tensor is missing or malformed.
+    """
+    for key, kind in _FIELDS.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise ValueError(f"{where} is not a valid detector file: config field {key!r} is missing or malformed")
+    if config["detector"] != detector or config["density"] != density:
+        raise ValueError(f"{where} holds a {config['detector']}, not a {detector}; load it with "
+                         f"{config['detector']}.load")
+    layers, widths = config["layers"], config["n_features"]
+    if not layers or len(widths) != len(layers) or config["dtype"] not in DTYPES \
+            or not all(isinstance(v, int) and v > 0 for v in [*widths, *config["input_shape"]]) \
+            or config["n_classes"] < 1:
+        raise ValueError(f"{where} is not a valid detector file: its config is inconsistent")
+    header = DetectorHeader(
+        detector=detector, density=density, layers=tuple(layers), n_features=tuple(widths),
+        n_classes=config["n_classes"], input_shape=tuple(config["input_shape"]), keep=config["keep"],
+        dtype=DTYPES[config["dtype"]], params=config["params"],
+    )
+    thresholds = file_tensor(tensors, "thresholds", (header.n_classes,), header.dtype)
+    return header, thresholds

@@ -6,7 +6,8 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from idefender_gpu.detector._base import _check_options, _DetectorBase
+from idefender_gpu._param_validation import Options
+from idefender_gpu.detector._base import _DetectorBase
 
 __all__ = ["MahalanobisDetector"]
 
@@ -82,25 +83,15 @@ class MahalanobisDetector(_DetectorBase):
     """
 
     _density_name = "shared_covariance"
+    _parameter_constraints: dict[str, list] = {
+        **_DetectorBase._parameter_constraints,
+        "score_class": [Options(str, SCORE_CLASSES)],
+    }
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: str | Sequence[str] | None = None,
-        *,
-        keep: float = 0.95,
-        reg_covar: float = 1e-4,
-        score_class: str = "closest",
-        dtype: Any = None,
-        memory_budget: int | None = None,
-        progress: bool | None = None,
-    ) -> None:
-        self.score_class = score_class
-        super().__init__(model, layers, keep=keep, reg_covar=reg_covar, dtype=dtype,
-                         memory_budget=memory_budget, progress=progress)
-
-    def _validate_options(self) -> None:
-        _check_options(self.score_class, "score_class", SCORE_CLASSES)
+    def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, *, keep: float = 0.95,
+                 reg_covar: float = 1e-4, score_class: str = "closest", dtype: Any = None,
+                 memory_budget: int | None = None, progress: bool | None = None) -> None:
+        self._init(locals())
 
     def _config(self) -> dict[str, Any]:
         return {"reg_covar": float(self.reg_covar), "score_class": self.score_class}
@@ -109,13 +100,3 @@ class MahalanobisDetector(_DetectorBase):
         if self.score_class == "closest":
             return log_density.argmax(-1)
         return logits.argmax(-1)
-
-    @property
-    def means_(self) -> dict[str, Tensor]:
-        """Per layer, the class means ``(n_classes, D)``."""
-        return self._per_layer("means")
-
-    @property
-    def precisions_cholesky_(self) -> dict[str, Tensor]:
-        """Per layer, the shared precision's upper Cholesky factor ``(D, D)``."""
-        return self._per_layer("prec_chol")
