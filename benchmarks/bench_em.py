@@ -1,12 +1,13 @@
-"""Batched full-covariance EM against scikit-learn (issue 3's first benchmark).
+"""Batched EM against scikit-learn and torchgmm: the same as ``idefender-gpu bench``.
 
 Usage::
 
-    python benchmarks/bench_em.py                 # 60000x128, G=10, K=5, float32
-    python benchmarks/bench_em.py --workload b    # a named workload (a, b, c1, c2, d-diag, d-full, all)
-    python benchmarks/bench_em.py --table         # README table from benchmarks/results/
+    python benchmarks/bench_em.py                         # workload a, JSON in results/bench-<UTC time>/
+    python benchmarks/bench_em.py --workload b            # a named workload (a, b, c1, c2, d-diag, d-full, all)
+    python benchmarks/bench_em.py --out benchmarks/results   # rewrite the committed results (only when asked)
+    python benchmarks/bench_em.py --table                 # README's table from benchmarks/results/
 
-Same as ``idefender-gpu bench``; see :mod:`idefender_gpu.bench` for the method.
+See :mod:`idefender_gpu.bench` for the method and ``idefender-gpu bench --help`` for the options.
 """
 
 import sys

@@ -1,0 +1,186 @@
+"""Markdown tables of benchmark records (README's benchmark tables are made here).
+
+:func:`format_records` renders every kind of record: named workloads (``em_workload``,
+:func:`~idefender_gpu.bench.run.run_workload`), backend grids (``em_backends``,
+``benchmarks/bench_backends.py``) and the fixed-iteration records of earlier versions
+(``em_full_fixed_iterations``). :func:`load_records` reads a folder of them. Imports nothing
+of the harness.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RECORD_PATTERNS",
+    "backend_row",
+    "format_backend_table",
+    "format_distributed_table",
+    "format_records",
+    "format_table",
+    "format_workload_table",
+    "load_records",
+]
+
+#: The JSON files of a results folder that :func:`load_records` reads, in table order.
+RECORD_PATTERNS = ("em_*.json", "workload_*.json", "backends_*.json", "distributed_*.json")
+
+
+def load_records(folder: str | Path) -> list[dict[str, Any]]:
+    """Every benchmark record in ``folder`` (:data:`RECORD_PATTERNS`, sorted by name)."""
+    folder = Path(folder)
+    return [json.loads(path.read_text()) for pattern in RECORD_PATTERNS
+            for path in sorted(folder.glob(pattern))]
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table of fixed-iteration records (``em_full_fixed_iterations``, written by
+    earlier versions of ``idefender-gpu bench``): one row per implementation."""
+    lines = [
+        "| machine | workload | implementation | s / EM iteration | GFLOP/s | % of matmul peak | speed-up of ours |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for record in records:
+        w = record["workload"]
+        m = record["machine"]
+        where = m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} threads)"
+        shape = f"{w['n_samples']}x{w['n_features']}, G={w['n_groups']}, K={w['n_components']}, {w['covariance_type']}, {w['dtype']}"
+        ours = record["results"]["idefender_gpu"]["sec_per_iter"]
+        for name, entry in record["results"].items():
+            if "sec_per_iter" not in entry:
+                lines.append(f"| {where} | {shape} | {name} | skipped: {entry.get('skipped', '')} | | | |")
+                continue
+            if name == "idefender_gpu":
+                speedup = "1.0"
+            else:
+                speedup = f"{entry['sec_per_iter'] / ours:.1f}x" if ours > 0 else ""
+            gflops = f"{entry['gflops']:.1f}" if "gflops" in entry else ""
+            peak = f"{100 * entry['fraction_of_matmul_peak']:.0f}%" if "gflops" in entry else ""
+            lines.append(
+                f"| {where} | {shape} | {name} | {entry['sec_per_iter']:.4f} | {gflops} | "
+                f"{peak} | {speedup} |"
+            )
+    return "\n".join(lines)
+
+
+def _bytes(n: float | None) -> str:
+    return "" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_workload_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table of named-workload records (one row per implementation)."""
+    lines = [
+        "| workload | machine | implementation | s / EM iteration | fit to tol: s (iterations, "
+        "converged) | final mean log-lik. | peak memory | GFLOP/s | % of matmul peak | "
+        "speed-up of ours |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for record in records:
+        w, m = record["workload"], record["machine"]
+        where = m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} threads)"
+        shape = (f"{w['name']}: {w['n_samples']}x{w['n_features']}, G={w['n_groups']}, "
+                 f"K={w['n_components']}, {w['covariance_type']}")
+        if "skipped" in record:
+            lines.append(f"| {shape} | {where} | - | skipped: {record['skipped']} | | | | | | |")
+            continue
+        ours = record["ratios"].get("ours")
+        for name, entry in record["results"].items():
+            if "sec_per_iter" not in entry:
+                reason = entry.get("skipped") or entry.get("error", "")
+                lines.append(f"| {shape} | {where} | {name} | {reason} | | | | | | |")
+                continue
+            fit = entry.get("fit", {})
+            if "seconds" in fit:
+                capped = ""
+                if fit.get("max_iter_capped_by_time_limit") and fit["n_iter_max"] >= fit["max_iter"]:
+                    capped = f", stopped at max_iter={fit['max_iter']} by the time limit"
+                conv = "yes" if fit["converged"] else f"{100 * fit['converged_fraction']:.0f}%"
+                fit_cell = f"{fit['seconds']:.1f} ({fit['n_iter_max']}, {conv}{capped})"
+                ll = f"{fit['final_mean_log_likelihood']:.4f}"
+                mem = _bytes(fit.get("peak_memory_bytes"))
+            else:
+                fit_cell, ll, mem = fit.get("skipped", entry.get("error", "")), "", ""
+            if name == ours:
+                speedup = "1.0"
+            else:
+                ratio = record["ratios"].get(f"speedup_vs_{name}")
+                speedup = "" if ratio is None else f"{ratio:.2g}x"
+            gflops = f"{entry['gflops']:.1f}" if "gflops" in entry else ""
+            peak = f"{100 * entry['fraction_of_matmul_peak']:.1f}%" if "gflops" in entry else ""
+            lines.append(
+                f"| {shape} | {where} | {name} | {entry['sec_per_iter']:.4f} | {fit_cell} | {ll} | "
+                f"{mem} | {gflops} | {peak} | {speedup} |"
+            )
+    return "\n".join(lines)
+
+
+def _backend_cell(entry: dict[str, Any]) -> str:
+    if "sec_per_iter" not in entry:
+        return "error"
+    mark = ""
+    if entry.get("extrapolated"):
+        mark = " (extrap.)"
+    elif "T(0)" in entry.get("method", ""):
+        mark = " (1 sample)"
+    return f"{entry['sec_per_iter']:.4f}{mark}"
+
+
+def backend_row(row: dict[str, Any]) -> str:
+    """One markdown row of the backend grid: ctype, D, K, N, dense, keops, winner, ratio."""
+    winner = row.get("winner", "-")
+    ratio = f"{row['ratio_dense_over_keops']:.2f}" if "ratio_dense_over_keops" in row else "-"
+    return (f"| {row['covariance_type']} | {row['n_features']} | {row['n_components']} | "
+            f"{row['n_samples']} | {_backend_cell(row['torch'])} | {_backend_cell(row['keops'])} | "
+            f"{winner} | {ratio} |")
+
+
+def format_backend_table(record: dict[str, Any]) -> str:
+    """Markdown table of a backend-grid record (``benchmarks/bench_backends.py``)."""
+    m = record["machine"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['torch_threads']} threads)"
+    lines = [
+        f"Backends on {where}, float32, G=1: seconds per EM iteration; ratio = dense / KeOps "
+        "(above 1: KeOps faster)",
+        "",
+        "| ctype | D | K | N | dense s/it | keops s/it | winner | ratio dense/keops |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    lines += [backend_row(row) for row in record["rows"]]
+    return "\n".join(lines)
+
+
+def format_distributed_table(record: dict[str, Any]) -> str:
+    """Markdown table of a data-parallel record (``benchmarks/bench_distributed.py``)."""
+    w = record["workload"]
+    lines = [
+        f"{record['benchmark']}: N={w['N']}, D={w['D']}, K={w['K']}, G={w['G']}, "
+        f"{w['covariance_type']}, {w['dtype']}, {w['em_iterations']} EM iterations, best of "
+        f"{w['rounds']} rounds",
+        "",
+        "| run | processes | threads each | best s | s / EM iteration | CPU s / rank / iteration |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in record["results"]:
+        cpu = ", ".join(f"{c:.3f}" for c in row["cpu_seconds_per_rank_per_iteration_in_best_round"])
+        lines.append(f"| {row['name']} | {row['world']} | {row['threads']} | "
+                     f"{row['best_seconds']:.2f} | {row['seconds_per_iteration']:.4f} | {cpu} |")
+    return "\n".join(lines)
+
+
+def format_records(records: list[dict[str, Any]]) -> str:
+    """Every kind of benchmark record as markdown: the fixed-iteration table
+    (:func:`format_table`), the named workloads, the backend grids and the data-parallel
+    runs."""
+    parts = []
+    legacy = [r for r in records if r.get("benchmark") == "em_full_fixed_iterations"]
+    workloads = [r for r in records if r.get("benchmark") == "em_workload"]
+    if legacy:
+        parts.append(format_table(legacy))
+    if workloads:
+        parts.append(format_workload_table(workloads))
+    parts += [format_backend_table(r) for r in records if r.get("benchmark") == "em_backends"]
+    parts += [format_distributed_table(r) for r in records
+              if str(r.get("benchmark", "")).startswith("data-parallel EM")]
+    return "\n\n".join(parts)
