@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tol
+from conftest import tol, train_bars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,6 +35,7 @@ from idefender_gpu.attacks import (
     DefendedModel,
     GrayBox,
     IterativeL2,
+    MarginPGD,
 )
 from idefender_gpu.exceptions import NotFittedError
 
@@ -47,37 +48,6 @@ except ImportError:  # pragma: no cover - the detector (its own issue) is not me
 # --------------------------------------------------------------------------------------
 # The toy problem
 # --------------------------------------------------------------------------------------
-
-
-def make_bars(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images (n, 1, 8, 8) in [0, 1]: class 0 a row, 1 a column, 2 the diagonal."""
-    y = torch.arange(n) % 3
-    x = 0.25 * torch.rand(n, 1, 8, 8, generator=generator)
-    pos = torch.randint(1, 7, (n,), generator=generator)
-    level = 0.6 + 0.4 * torch.rand(n, generator=generator)
-    rows = torch.arange(n)
-    x[rows[y == 0], 0, pos[y == 0], :] = level[y == 0, None]
-    x[rows[y == 1], 0, :, pos[y == 1]] = level[y == 1, None]
-    diagonal = x[y == 2]
-    diagonal[:, 0][:, torch.eye(8, dtype=torch.bool)] = level[y == 2, None]
-    x[y == 2] = diagonal
-    return x, y
-
-
-class TinyCNN(nn.Module):
-    """conv(1->4) -> ReLU -> maxpool -> fc1(64->8) -> ReLU -> dropout -> fc2(8->3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(64, 8)
-        self.drop = nn.Dropout(0.2)
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pool(F.relu(self.conv(x))).flatten(1)
-        return self.fc2(self.drop(F.relu(self.fc1(h))))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,19 +63,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def toy():
     """Trained TinyCNN (eval mode), train/test data; global RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        generator = torch.Generator().manual_seed(0)
-        x_train, y_train = make_bars(600, generator)
-        x_test, y_test = make_bars(300, generator)
-        model = TinyCNN()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(150):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x_train), y_train).backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
+    model, x_train, y_train, x_test, y_test = train_bars()
     return SimpleNamespace(model=model, x_train=x_train, y_train=y_train, x=x_test, y=y_test)
 
 
@@ -162,6 +120,8 @@ ATTACKS = [
     (lambda m, d: GrayBox(m, d, base="fgsm", alpha=1.0, eps=0.1), "linf", 0.1),
     (lambda m, d: GrayBox(m, d, base="bim", alpha=1.0, eps=0.1, step_size=0.025), "linf", 0.1),
     (lambda m, d: GrayBox(m, d, base="l2", alpha=1.0, eps=1.0, step_size=0.25, objective="hinge"), "l2", 1.0),
+    (lambda m, d: MarginPGD(m, eps=0.1, steps=10), "linf", 0.1),
+    (lambda m, d: MarginPGD(m, eps=1.0, norm="l2", steps=10, n_targets=1), "l2", 1.0),
 ]
 ATTACK_IDS = [repr(factory(_ID_MODEL, _ID_DETECTOR)) for factory, _, _ in ATTACKS]
 NEEDS_DETECTOR = [isinstance(factory(_ID_MODEL, _ID_DETECTOR), GrayBox) for factory, _, _ in ATTACKS]
@@ -522,10 +482,11 @@ def test_graybox_needs_a_fitted_detector(toy):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transform", ["asinh", "linear"])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
-def test_defended_model_argmax_is_reject_or_prediction(toy, detector, scale):
+def test_defended_model_argmax_is_reject_or_prediction(toy, detector, scale, transform):
     """argmax over K+1 logits == K exactly where IDefender.reject is True, else the prediction."""
-    defended = DefendedModel(detector, scale=scale)
+    defended = DefendedModel(detector, scale=scale, transform=transform)
     x_adv = BIM(toy.model, eps=0.2, alpha=0.05)(toy.x, toy.y)
     x = torch.cat([toy.x, x_adv])  # natural (mostly accepted) and adversarial (mostly rejected)
     with torch.no_grad():
@@ -542,15 +503,25 @@ def test_defended_model_argmax_is_reject_or_prediction(toy, detector, scale):
                        (expected != torch.cat([toy.y, toy.y])) & ~rejected)
 
 
-def test_defended_model_extra_logit_formula_and_gradient(toy, detector):
-    """z_K = z_c + scale * (TH_c - log p(H(x) | c)), differentiable in x."""
-    defended = DefendedModel(detector, scale=2.0)
+@pytest.mark.parametrize(
+    "kwargs, g",
+    [
+        (dict(scale=2.0, transform="linear"), lambda m: 2.0 * m),
+        (dict(scale=2.0, margin_unit=3.0, transform="linear"), lambda m: 2.0 * m / 3.0),
+        (dict(), torch.asinh),
+        (dict(scale=0.5, margin_unit=10.0), lambda m: 0.5 * torch.asinh(m / 10.0)),
+    ],
+    ids=["linear", "linear-unit", "asinh-default", "asinh-scaled"],
+)
+def test_defended_model_extra_logit_formula_and_gradient(toy, detector, kwargs, g):
+    """z_K = max_j z_j + scale * g((TH_c - log p(H(x) | c)) / margin_unit), differentiable in x."""
+    defended = DefendedModel(detector, **kwargs)
     x = toy.x[:16].clone().requires_grad_(True)
     logits = defended(x)
     z = toy.model(x)
     c = z.argmax(1)
     log_density = detector.log_density(x).gather(1, c[:, None])[:, 0]
-    expected = z.gather(1, c[:, None])[:, 0] + 2.0 * (detector.thresholds_[c] - log_density)
+    expected = z.gather(1, c[:, None])[:, 0] + g(detector.thresholds_[c] - log_density)
     torch.testing.assert_close(logits[:, 3], expected, **tol(torch.float32))
     (grad,) = torch.autograd.grad(logits[:, 3].sum(), x)
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
@@ -645,6 +616,8 @@ REAL_HYPERPARAMETERS = [
     (GrayBox, dict(eps=0.1, step_size=0.01), "eps"),
     (GrayBox, dict(eps=0.1, step_size=0.01), "step_size"),
     (DefendedModel, dict(), "scale"),
+    (DefendedModel, dict(), "margin_unit"),
+    (MarginPGD, dict(eps=0.1), "eps"),
 ]
 
 

@@ -16,9 +16,12 @@ DeepFool
     Minimal L2 perturbation to the nearest linearised boundary, multi-class, batched.
 GrayBox
     Gray-box attack on classifier + I-defender, paper Eq. 6 (and a hinge form).
+MarginPGD
+    Adaptive margin-loss attack on a defended (K+1)-logit model with APGD's step schedule,
+    random restarts and targets (Linf or L2).
 DefendedModel
-    Classifier + detector as one (K+1)-class ``nn.Module`` ("rejected" is class K), for
-    attacking the defended model end to end with any attack library.
+    Classifier + detector as one (K+1)-class ``nn.Module`` ("rejected" is class K, a
+    well-scaled logit), for attacking the defended model end to end with any attack library.
 """
 
 from idefender_gpu.attacks._base import Attack, GradientAttack
@@ -28,6 +31,7 @@ from idefender_gpu.attacks.defended import DefendedModel
 from idefender_gpu.attacks.fgsm import FGSM
 from idefender_gpu.attacks.graybox import GrayBox
 from idefender_gpu.attacks.l2_iterative import IterativeL2
+from idefender_gpu.attacks.margin import MarginPGD
 
 __all__ = [
     "Attack",
@@ -38,4 +42,5 @@ __all__ = [
     "GradientAttack",
     "GrayBox",
     "IterativeL2",
+    "MarginPGD",
 ]

@@ -7,41 +7,70 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu._param_validation import InstanceOf, check_param, validate_params
+from idefender_gpu._param_validation import InstanceOf, Options, check_param, validate_params
 from idefender_gpu.attacks._base import DETECTOR, POSITIVE
 from idefender_gpu.attacks.graybox import detector_thresholds
+from idefender_gpu.features import model_device, model_dtype
 
 __all__ = ["DefendedModel"]
+
+#: How the log-likelihood margin becomes logits: ``g(m)``, odd, increasing, ``g(0) = 0``.
+TRANSFORMS = {
+    "asinh": lambda margin, unit: torch.asinh(margin / unit),
+    "linear": lambda margin, unit: margin / unit,
+}
 
 
 class DefendedModel(nn.Module):
     r"""A classifier and its detector as one (K+1)-class model; the extra class is "rejected".
 
-    For logits :math:`z(x) \in \mathbb R^K`, predicted class :math:`c = \arg\max_j z_j` and
-    the detector's log-density :math:`\log P(\mathcal H(x) \mid c)` with threshold
-    :math:`TH_c` (paper Eq. 5), the model returns the K logits unchanged plus
+    For logits :math:`z(x) \in \mathbb R^K`, the class :math:`c` the detector scores
+    :math:`x` under (the classifier's prediction for I-defender; the closest class for a
+    Mahalanobis detector with ``score_class="closest"``), its log-density
+    :math:`\log P(\mathcal H(x) \mid c)` and threshold :math:`TH_c` (paper Eq. 5), the
+    model returns the K logits unchanged plus the "rejected" logit
 
     .. math::
-        z_K(x) = z_c(x) + \text{scale} \cdot \big(TH_c - \log P(\mathcal H(x) \mid c)\big).
+        z_K(x) = \max_j z_j(x) + \text{scale} \cdot g\Big(
+        \frac{TH_c - \log P(\mathcal H(x) \mid c)}{\text{margin\_unit}}\Big),
+        \qquad g = \operatorname{asinh} \text{ (default) or the identity.}
 
-    So :math:`z_K > \max_j z_j` exactly when the detector rejects :math:`x` under its
-    predicted class: the argmax of the K+1 logits is K ("rejected") for rejected inputs and
-    the classifier's prediction otherwise (a tie, when the log-density equals the threshold,
-    goes to the classifier as ``argmax`` takes the first maximum, matching the strict ``<``
-    of Eq. 5). The extra logit is differentiable in ``x`` through both the classifier and
-    ``detector.log_density``, so any attack library can attack the defended model end to
-    end (the construction of Carlini & Wagner, 2017, with the rejection margin measured in
-    log-likelihood).
+    :math:`g` is odd and increasing, so :math:`z_K > \max_j z_j` exactly when the detector
+    rejects :math:`x` (log-density strictly below the threshold): ``argmax`` of the K+1
+    logits is K exactly where ``detector.reject(x)`` is True and the classifier's
+    prediction elsewhere (a tie goes to the classifier, as ``argmax`` takes the first
+    maximum; a margin too small to move :math:`z_K` off :math:`\max_j z_j` in floating
+    point is pushed to the next representable value on the right side, so the decision
+    is exact). The extra logit is differentiable in ``x`` through both the classifier
+    and ``detector.log_density``, so any attack library can attack the defended model end
+    to end (the construction of Carlini & Wagner, 2017).
+
+    **Scaling.** Log-likelihood margins are in nats of a D-dimensional density: on a
+    real network they are hundreds to thousands of nats (TH - log p about -1400 on
+    natural Fashion-MNIST inputs) with input gradients about 140 times those of the class
+    logits, so a linear reject logit saturates the (K+1)-softmax and masks the gradients
+    of off-the-shelf attacks. The default ``asinh`` transform is data-free and unit-free:
+    :math:`g(m) \approx \operatorname{sign}(m) \log 2|m|` for :math:`|m| \gg 1`, so the
+    reject logit stays within about ten logits of the class logits, and its gradient,
+    :math:`\nabla m / \sqrt{1 + m^2}`, is the relative change of the margin, comparable to
+    the class logits' gradients. ``transform="linear"`` with a small ``scale`` (e.g. 0.01)
+    is the linear construction.
 
     Parameters
     ----------
     detector : object
         Fitted detector with ``model`` (the classifier, an ``nn.Module`` returning logits
         (B, K)), ``log_density(x) -> Tensor (B, K)`` differentiable in ``x``, and
-        ``thresholds_`` of shape (K,), such as :class:`idefender_gpu.IDefender`.
+        ``thresholds_`` of shape (K,), such as :class:`idefender_gpu.IDefender` or
+        :class:`idefender_gpu.MahalanobisDetector` (whose ``score_class`` is honoured).
     scale : float, default=1.0
-        Logits per unit of log-likelihood margin, > 0. It does not change which class
-        wins, only how steep the "rejected" logit is for gradient-based attacks.
+        Logits per unit of :math:`g`, > 0. It does not change which class wins, only how
+        steep the "rejected" logit is for gradient-based attacks.
+    margin_unit : float, default=1.0
+        Nats of log-likelihood margin per unit before :math:`g`, > 0 (where ``asinh``
+        turns from linear to logarithmic).
+    transform : {'asinh', 'linear'}, default='asinh'
+        :math:`g`.
 
     Attributes
     ----------
@@ -50,16 +79,43 @@ class DefendedModel(nn.Module):
         ``.to()`` reach it.
     detector : object
         The detector (also a submodule when it is an ``nn.Module``).
+    n_classes : int
+        K, the classifier's class count (from the fitted ``detector.thresholds_``).
+    n_outputs : int
+        K + 1, the output width (ART's ``nb_classes``).
+    reject_index : int
+        K, the index of the "rejected" logit (read by :class:`MarginPGD`).
 
     Notes
     -----
+    Inputs are cast (differentiably) to the classifier's device and floating dtype, so
+    float64 or float16 inputs work with a float32 model; the logits come out in the
+    model's dtype.
+
     An untargeted attack on the wrapper with the true label counts "rejected" (class K)
     as a success, which it is not for an attacker who wants to evade the detector: judge
-    success with :meth:`evades` (prediction neither the true class nor K), or run targeted
-    attacks towards classes below K. Each forward runs the classifier and
-    ``detector.log_density`` (which usually runs the classifier again to read its hidden
-    state). With float logits, a rejection margin below the resolution of :math:`z_c` can
-    round to a tie (then counted as accepted).
+    success with :meth:`evades` (prediction neither the true class nor K), attack with
+    :class:`MarginPGD` (whose loss knows the reject logit), or run targeted attacks towards
+    classes below K. Each forward runs the classifier and ``detector.log_density`` (which
+    usually runs the classifier again to read its hidden state).
+
+    Recipes for outside libraries (eval mode first; ``defended.n_outputs`` outputs)::
+
+        import torchattacks
+        defended = DefendedModel(detector).eval()
+        pgd = torchattacks.PGD(defended, eps=0.1, alpha=0.01, steps=40, random_start=True)
+        pgd.set_mode_targeted_by_label(quiet=True)
+        x_adv = pgd(x, target)  # target: a class in [0, K), not y
+        success = defended.evades(x_adv, y)
+
+        from art.estimators.classification import PyTorchClassifier
+        from art.attacks.evasion import ProjectedGradientDescent
+        classifier = PyTorchClassifier(model=defended, loss=torch.nn.CrossEntropyLoss(),
+                                       input_shape=tuple(x.shape[1:]), nb_classes=defended.n_outputs,
+                                       clip_values=(0.0, 1.0))
+        art_pgd = ProjectedGradientDescent(classifier, eps=0.1, eps_step=0.01, max_iter=40,
+                                           targeted=True)
+        x_adv = torch.as_tensor(art_pgd.generate(x.numpy(), y=target.numpy()))
 
     References
     ----------
@@ -70,23 +126,25 @@ class DefendedModel(nn.Module):
 
     Examples
     --------
-    >>> import math
+    A stand-in detector with one isotropic Gaussian per class on the logits:
+
     >>> import torch
     >>> from torch import nn
-    >>> from idefender_gpu.attacks import BIM, DefendedModel
+    >>> from idefender_gpu.attacks import DefendedModel, MarginPGD
     >>> _ = torch.manual_seed(0)
-    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    >>> class Detector:
-    ...     model = model
-    ...     thresholds_ = torch.full((3,), -4.0)
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    >>> class Gaussians:
+    ...     model = net
+    ...     thresholds_ = torch.tensor([-3.0, -3.0, -3.0])
     ...     def log_density(self, x):
-    ...         d = (model(x)[:, None, :] - 3 * torch.eye(3)).square().sum(-1)  # (B, 3)
-    ...         return -0.5 * d - 1.5 * math.log(2 * math.pi)
-    >>> defended = DefendedModel(Detector())
-    >>> x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
-    >>> defended(x).shape
-    torch.Size([4, 4])
-    >>> x_adv = BIM(defended, eps=0.1, alpha=0.025, targeted=True)(x, (y + 1) % 3)
+    ...         return -0.5 * (net(x).unsqueeze(1) - 2 * torch.eye(3)).square().sum(2)  # (B, 3)
+    >>> defended = DefendedModel(Gaussians())
+    >>> defended.n_outputs, defended.reject_index
+    (4, 3)
+    >>> x, y = torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    >>> defended(x).shape, defended(x).dtype
+    (torch.Size([4, 4]), torch.float32)
+    >>> x_adv = MarginPGD(defended, eps=0.1, steps=20)(x, y)
     >>> defended.evades(x_adv, y).shape
     torch.Size([4])
     """
@@ -94,31 +152,62 @@ class DefendedModel(nn.Module):
     _parameter_constraints: ClassVar[dict[str, list]] = {
         "detector": [DETECTOR],
         "scale": [POSITIVE],
+        "margin_unit": [POSITIVE],
+        "transform": [Options(str, TRANSFORMS)],
     }
 
-    def __init__(self, detector: Any, *, scale: float = 1.0) -> None:
+    def __init__(self, detector: Any, *, scale: float = 1.0, margin_unit: float = 1.0,
+                 transform: str = "asinh") -> None:
         super().__init__()
-        validate_params(type(self).__name__, {"detector": detector, "scale": scale}, self._parameter_constraints)
-        check_param(getattr(detector, "model", None), "detector.model", [InstanceOf(nn.Module)], type(self).__name__)
+        values = {"detector": detector, "scale": scale, "margin_unit": margin_unit, "transform": transform}
+        validate_params(type(self).__name__, values, self._parameter_constraints)
+        check_param(getattr(detector, "model", None), "detector.model", [InstanceOf(nn.Module)],
+                    type(self).__name__)
         self.model = detector.model
         self.detector = detector
         self.scale = scale
+        self.margin_unit = margin_unit
+        self.transform = transform
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits of shape (B, K + 1): the classifier's K, then "rejected"."""
+        """Logits of shape (B, K + 1): the classifier's K, then "rejected".
+
+        Parameters
+        ----------
+        x : Tensor of shape (B, ...)
+            Inputs of any floating dtype and device (cast to the model's, differentiably).
+
+        Returns
+        -------
+        logits : Tensor of shape (B, K + 1)
+            In the model's dtype, on the model's device.
+        """
+        dtype = model_dtype(self.model)
+        x = x.to(device=model_device(self.model), dtype=dtype if dtype is not None else x.dtype)
         logits = self.model(x)  # (B, K)
-        thresholds = detector_thresholds(self.detector, logits.shape[1], logits)  # (K,)
+        thresholds = detector_thresholds(self.detector, logits.shape[1], logits, exact=True)  # (K,)
         log_density = self.detector.log_density(x)  # (B, K)
         if log_density.shape != logits.shape:
             raise ValueError(
                 f"detector.log_density(x) must have shape {tuple(logits.shape)} (B, K); got "
                 f"{tuple(log_density.shape)}"
             )
-        thresholds = thresholds.to(log_density)
-        top, predicted = logits.max(1)  # (B,), (B,)
-        margin = thresholds[predicted] - log_density.gather(1, predicted[:, None])[:, 0]  # (B,)
-        rejected = top + self.scale * margin  # (B,)
-        return torch.cat([logits, rejected[:, None].to(logits.dtype)], dim=1)
+        # The margin in the detector's own precision (promoted from its thresholds' dtype
+        # and the density's), so that margin > 0 is exactly its "score < threshold".
+        thresholds = thresholds.to(torch.promote_types(thresholds.dtype, log_density.dtype))
+        top = logits.max(1).values  # (B,)
+        scored = self._scored_class(logits, log_density)  # (B,)
+        margin = thresholds[scored] - log_density.to(thresholds.dtype).gather(1, scored[:, None])[:, 0]  # (B,)
+        raw = top + self.scale * TRANSFORMS[self.transform](margin, self.margin_unit).to(logits.dtype)
+        above = torch.nextafter(top.detach(), torch.full_like(top, float("inf")))
+        rejected = torch.where(margin > 0, torch.maximum(raw, above), torch.minimum(raw, top))  # (B,)
+        return torch.cat([logits, rejected[:, None]], dim=1)
+
+    def _scored_class(self, logits: Tensor, log_density: Tensor) -> Tensor:
+        """The class the detector scores each sample under, ``(B,)`` (its ``score_class``)."""
+        if getattr(self.detector, "score_class", "predicted") == "closest":
+            return log_density.argmax(1)
+        return logits.argmax(1)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -138,5 +227,15 @@ class DefendedModel(nn.Module):
             raise AttributeError("n_classes needs a fitted detector (thresholds_)")
         return len(thresholds)
 
+    @property
+    def n_outputs(self) -> int:
+        """K + 1, the width of the output (ART's ``nb_classes``)."""
+        return self.n_classes + 1
+
+    @property
+    def reject_index(self) -> int:
+        """K, the index of the "rejected" logit."""
+        return self.n_classes
+
     def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+        return f"scale={self.scale}, margin_unit={self.margin_unit}, transform={self.transform!r}"

@@ -30,8 +30,10 @@ BASES: dict[str, type[GradientAttack]] = {"fgsm": FGSM, "bim": BIM, "l2": Iterat
 OBJECTIVES = ("paper", "hinge")
 
 
-def detector_thresholds(detector: Any, n_classes: int, like: Tensor) -> Tensor:
-    """``detector.thresholds_`` as a ``(n_classes,)`` tensor with the dtype/device of ``like``.
+def detector_thresholds(detector: Any, n_classes: int, like: Tensor, *, exact: bool = False) -> Tensor:
+    """``detector.thresholds_`` as a ``(n_classes,)`` tensor with the dtype/device of ``like``
+    (with ``exact=True``: in the dtype promoted from theirs and ``like``'s, so comparisons
+    are the detector's own).
 
     Raises :class:`~idefender_gpu.exceptions.NotFittedError` when the detector has no
     thresholds yet and ``ValueError`` when their shape does not match the classifier.
@@ -48,7 +50,8 @@ def detector_thresholds(detector: Any, n_classes: int, like: Tensor) -> Tensor:
             f"detector.thresholds_ must have shape ({n_classes},) to match the classifier's "
             f"{n_classes} classes; got shape {tuple(thresholds.shape)}"
         )
-    return thresholds.to(device=like.device, dtype=like.dtype)
+    dtype = torch.promote_types(thresholds.dtype, like.dtype) if exact else like.dtype
+    return thresholds.to(device=like.device, dtype=dtype)
 
 
 class GrayBox(Attack):
