@@ -70,3 +70,58 @@ def make_blobs(n_per_group, n_features, n_components, *, seed=0, spread=4.0, dty
         xs.append(centres[comp] + np.einsum("nd,nde->ne", noise, mix[comp]) + 0.3 * noise)
         ys.append(np.full(n, g))
     return np.concatenate(xs).astype(dtype), np.concatenate(ys)
+
+
+# --------------------------------------------------------------------------------------
+# A toy image problem for the attack tests (appended for tests/test_attacks.py and
+# tests/test_adaptive.py): 8x8 bars, a tiny CNN, fixed seeds.
+# --------------------------------------------------------------------------------------
+
+
+def make_bars(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images (n, 1, 8, 8) in [0, 1]: class 0 a row, 1 a column, 2 the diagonal."""
+    y = torch.arange(n) % 3
+    x = 0.25 * torch.rand(n, 1, 8, 8, generator=generator)
+    pos = torch.randint(1, 7, (n,), generator=generator)
+    level = 0.6 + 0.4 * torch.rand(n, generator=generator)
+    rows = torch.arange(n)
+    x[rows[y == 0], 0, pos[y == 0], :] = level[y == 0, None]
+    x[rows[y == 1], 0, :, pos[y == 1]] = level[y == 1, None]
+    diagonal = x[y == 2]
+    diagonal[:, 0][:, torch.eye(8, dtype=torch.bool)] = level[y == 2, None]
+    x[y == 2] = diagonal
+    return x, y
+
+
+class TinyCNN(torch.nn.Module):
+    """conv(1->4) -> ReLU -> maxpool -> fc1(64->8) -> ReLU -> dropout -> fc2(8->3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.fc1 = torch.nn.Linear(64, 8)
+        self.drop = torch.nn.Dropout(0.2)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(torch.relu(self.conv(x))).flatten(1)
+        return self.fc2(self.drop(torch.relu(self.fc1(h))))
+
+
+def train_bars(n_train: int = 600, n_test: int = 300):
+    """A trained ``TinyCNN`` (eval mode) and bars data ``(model, x_train, y_train, x, y)``;
+    the global RNG state is left untouched (about 1 s on one thread)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(0)
+        x_train, y_train = make_bars(n_train, generator)
+        x_test, y_test = make_bars(n_test, generator)
+        model = TinyCNN()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x_train), y_train).backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval(), x_train, y_train, x_test, y_test
