@@ -16,11 +16,13 @@ scikit-learn does: tied scores form one operating point, and the AUC counts a ti
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from idefender_gpu._param_validation import Interval, check_param
 from idefender_gpu._validation import describe
 
 __all__ = ["roc_auc_score", "roc_curve", "tpr_at_fpr"]
@@ -98,6 +100,7 @@ def roc_curve(scores: Any, labels: Any, *, drop_intermediate: bool = True) -> tu
     ValueError
         For mismatched shapes, NaN scores, labels other than 0/1, or a single class.
     """
+    check_param(drop_intermediate, "drop_intermediate", ["boolean"], "roc_curve")
     scores_t, labels_t = _check_scores_labels(scores, labels)
     fps, tps, thresholds = _binary_clf_curve(scores_t, labels_t)
     if drop_intermediate and fps.shape[0] > 2:
@@ -146,9 +149,14 @@ def tpr_at_fpr(scores: Any, labels: Any, fpr: float = 0.05) -> Tensor:
     Returns
     -------
     tpr : Tensor of float64, shape ()
+
+    Raises
+    ------
+    InvalidParameterError
+        (a ``ValueError`` and a ``TypeError``) for an ``fpr`` that is not a real number
+        in ``[0, 1]`` (NaN included).
     """
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 <= fpr <= 1.0:
-        raise ValueError(f"fpr must be a float in [0, 1]; got {fpr!r}")
+    check_param(fpr, "fpr", [Interval(Real, 0.0, 1.0, closed="both")], "tpr_at_fpr")
     fpr_curve, tpr_curve, _ = roc_curve(scores, labels, drop_intermediate=False)
     allowed = fpr_curve <= fpr  # (n_thresholds,), True at least at fpr_curve[0] = 0
     return torch.where(allowed, tpr_curve, torch.zeros_like(tpr_curve)).max()

@@ -14,11 +14,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import tol
 from idefender_gpu.features import (
     HiddenStateHooks,
+    _batches,
     attach,
     collect,
     default_layers,
     eval_mode,
     hidden_states,
+    model_device,
+    model_dtype,
     parse_layers,
 )
 
@@ -227,6 +230,54 @@ def test_eval_mode_restores_mixed_modes():
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert model.training and model.fc1.training and not model.bn.training
+
+
+def test_eval_mode_of_several_models_sharing_a_module():
+    """The attacks' case: a classifier and a detector's model sharing layers; each flag comes
+    back once, as it was, also when the body raises."""
+    shared = nn.Sequential(nn.Linear(3, 3), nn.Dropout())
+    first, second = nn.Sequential(shared, nn.Linear(3, 2)), nn.Sequential(shared, nn.BatchNorm1d(3))
+    first.train()
+    second.eval()
+    shared[1].train()
+    modes = {id(m): m.training for net in (first, second) for m in net.modules()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode([first, second]) as yielded:
+            assert yielded is None
+            assert not any(m.training for net in (first, second) for m in net.modules())
+            raise RuntimeError("inside")
+    assert {id(m): m.training for net in (first, second) for m in net.modules()} == modes
+    with eval_mode(first) as yielded:
+        assert yielded is first
+    with eval_mode(iter([first])):  # any iterable of modules
+        assert not first.training
+    assert first.training
+
+
+def test_model_device_and_dtype_of_a_module_without_tensors():
+    empty = nn.Sequential(nn.ReLU())
+    assert model_device(empty) == torch.device("cpu")
+    assert model_device(empty, default=None) is None
+    assert model_dtype(empty) is None
+    model = nn.Linear(2, 2).double()
+    assert model_device(model, default=None) == torch.device("cpu") and model_dtype(model) == torch.float64
+
+
+def test_batches_undo_hooks_and_modes_when_closed_early():
+    """The per-batch iterator behind collect (a streamed fit reads it): stopping after one
+    batch removes the hooks and restores the modes; the caller's grad mode is its own."""
+    model = _mlp().train()
+    specs = parse_layers(model, ["2:input"])
+    loader = DataLoader(TensorDataset(torch.randn(12, 5), torch.arange(12) % 3), batch_size=4)
+    batches = _batches(model, loader, specs, progress=False)
+    first = next(batches)
+    assert torch.is_grad_enabled()  # no_grad wraps the forward only, not the caller
+    assert not model.training and first.index == 0 and first.input_shape == (5,)
+    assert first.states["2:input"].shape == (4, 7) and not first.states["2:input"].requires_grad
+    assert first.labels.dtype == torch.int64 and first.output.shape == (4, 3)
+    batches.close()
+    _assert_no_hooks(model)
+    assert all(m.training for m in model.modules())
 
 
 # --------------------------------------------------------------------------------------

@@ -123,8 +123,15 @@ def test_bad_inputs(scores, labels, error, match):
         roc_auc_score(scores, labels)
 
 
-@pytest.mark.parametrize("fpr", [-0.1, 1.5, "0.05", True])
+@pytest.mark.parametrize("fpr", [-0.1, 1.5, "0.05", True, float("nan"), float("inf")])
 def test_tpr_at_fpr_bad_fpr(fpr):
     scores, labels = _problem(0, n=20)
-    with pytest.raises(ValueError, match="fpr must be a float in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match=r"The 'fpr' parameter of tpr_at_fpr must be a float in the range "
+                                         r"\[0.0, 1.0\]. Got .* instead"):
         tpr_at_fpr(scores, labels, fpr=fpr)
+
+
+def test_roc_curve_bad_drop_intermediate():
+    scores, labels = _problem(0, n=20)
+    with pytest.raises(TypeError, match="'drop_intermediate' parameter of roc_curve must be an instance of 'bool'"):
+        roc_curve(scores, labels, drop_intermediate="yes")

@@ -31,10 +31,6 @@ from idefender_gpu.mixture import BatchedGaussianMixture
 __all__ = ["ClassMixtures", "DENSITIES", "SharedCovarianceGaussians", "sum_log_density"]
 
 
-def _prec_chol_shape(covariance_type: str, C: int, K: int, D: int) -> tuple[int, ...]:
-    return {"full": (C, K, D, D), "tied": (C, D, D), "diag": (C, K, D), "spherical": (C, K)}[covariance_type]
-
-
 def sum_log_density(densities: dict[str, Any], states: dict[str, Tensor],
                     memory_budget: int | None) -> Tensor:
     """``Σ_layers log p(h_layer | c)`` (layers independent given the class): ``(B, n_classes)``.
@@ -103,7 +99,7 @@ class ClassMixtures:
         ctype = config["covariance_type"]
         weights = file_tensor(tensors, prefix + "weights", (C, K), dtype)
         means = file_tensor(tensors, prefix + "means", (C, K, D), dtype)
-        prec_chol = file_tensor(tensors, prefix + "prec_chol", _prec_chol_shape(ctype, C, K, D), dtype)
+        prec_chol = file_tensor(tensors, prefix + "prec_chol", kernels.precision_shape(ctype, C, K, D), dtype)
         return cls(weights, means, prec_chol, ctype)
 
 
@@ -162,7 +158,7 @@ class SharedCovarianceGaussians:
                      config: dict[str, Any], dtype: torch.dtype, prefix: str) -> "SharedCovarianceGaussians":
         C, D = n_classes, n_features
         means = file_tensor(tensors, prefix + "means", (C, D), dtype)
-        prec_chol = file_tensor(tensors, prefix + "prec_chol", (D, D), dtype)
+        prec_chol = file_tensor(tensors, prefix + "prec_chol", kernels.precision_shape("tied", None, C, D), dtype)
         return cls(means, prec_chol)
 
 

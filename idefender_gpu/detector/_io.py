@@ -68,15 +68,8 @@ def write_detector_file(path: Any, config: dict[str, Any], tensors: dict[str, Te
 def read_detector_file(path: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a detector file: ``(config, tensors)`` with tensors on CPU.
 
-    Raises
-    ------
-    TypeError
-        If ``path`` is not a str or ``os.PathLike``.
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the file is not a safetensors file (truncated, a pickle, anything else), has no
-        detector marker, holds an unreadable or unsupported config, or fails the digest.
+    Raises what :func:`idefender_gpu._files.read_verified` raises: never unpickles, and
+    refuses truncated, foreign, tampered and other-version files with a ``ValueError``.
     """
     return _files.read_verified(path, FORMAT, kind="detector file", version=FORMAT_VERSION)
 
@@ -130,15 +123,15 @@ def file_tensor(tensors: dict[str, Tensor], name: str, shape: Sequence[int], dty
     """The tensor ``name`` of a file, with the shape and dtype its config implies, finite."""
     tensor = tensors.get(name)
     if tensor is None:
-        raise ValueError(f"detector file must hold tensor {name!r}; it is missing")
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise ValueError(
-            f"detector file tensor {name!r} must have shape {tuple(shape)} and dtype {dtype} (from "
-            f"its config); got shape {tuple(tensor.shape)}, dtype {tensor.dtype}"
-        )
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"detector file tensor {name!r} must be finite; got NaN or infinity")
-    return tensor
+        problem = "it is missing"
+    elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        problem = f"got shape {tuple(tensor.shape)}, dtype {tensor.dtype}"
+    elif not bool(torch.isfinite(tensor).all()):
+        problem = "got NaN or infinity"
+    else:
+        return tensor
+    raise ValueError(f"detector file tensor {name!r} must have shape {tuple(shape)} and dtype {dtype} "
+                     f"(from its config) and be finite; {problem}")
 
 
 def detector_record(header: DetectorHeader, thresholds: Tensor,

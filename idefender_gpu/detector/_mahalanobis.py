@@ -69,17 +69,22 @@ class MahalanobisDetector(_DetectorBase):
 
     Examples
     --------
+    The hidden state of a one-layer classifier is its input (the input of its last
+    ``nn.Linear``), so the class means are those of the data:
+
     >>> import torch
-    >>> from torch import nn
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from idefender_gpu import MahalanobisDetector
-    >>> g = torch.Generator().manual_seed(0)
-    >>> y = torch.arange(300) % 3
-    >>> x = torch.randn(300, 4, generator=g) + 3 * nn.functional.one_hot(y, 4)
-    >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    >>> detector = MahalanobisDetector(model).fit(DataLoader(TensorDataset(x, y), batch_size=100))
-    >>> detector.means_["2:input"].shape, detector.score(x[:5]).shape
-    (torch.Size([3, 16]), torch.Size([5]))
+    >>> labels = torch.arange(90) % 3
+    >>> centres = torch.tensor([[0.0, 4.0], [4.0, 0.0], [-4.0, -4.0]])
+    >>> inputs = centres[labels] + torch.randn(90, 2, generator=torch.Generator().manual_seed(1))
+    >>> classifier = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    >>> data = DataLoader(TensorDataset(inputs, labels), batch_size=30)
+    >>> detector = MahalanobisDetector(classifier, keep=0.99, progress=False).fit(data)
+    >>> torch.allclose(detector.means_["0:input"], centres, atol=0.5)
+    True
+    >>> detector.score(inputs[:5]).shape, detector.reject(10 * inputs[:5]).all().item()
+    (torch.Size([5]), True)
     """
 
     _density_name = "shared_covariance"
