@@ -217,12 +217,19 @@ def test_format_records_renders_every_committed_file(path):
 
 
 def test_load_records_reads_every_kind_of_the_committed_folder():
-    from idefender_gpu.bench.report import format_records, load_records
+    from idefender_gpu.bench.report import format_records, format_summary, load_records
 
     records = load_records(COMMITTED)
     assert len(records) == len(list(COMMITTED.glob("*.json")))
     text = format_records(records)
     assert "| a: 60000x128, G=10, K=5, full |" in text and "| ctype | D | K | N |" in text
+    summary = format_summary(records).splitlines()
+    workloads = [r for r in records if r["benchmark"] == "em_workload"]
+    assert len(summary) == sum(len(r.get("results", {None: 0})) for r in workloads)
+    assert any(line.startswith("a (60000x128, G=10, K=5, full) idefender_gpu[torch] on cpu: ")
+               and "% of the FP32 matmul rate; fit " in line for line in summary)
+    assert any(line.startswith("c1 (1281167x4096, G=1000, K=1, full): skipped: GPU-only")
+               for line in summary)
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,3 +288,36 @@ def test_skipped_references_are_recorded_with_their_reason(monkeypatch):
     record = run.run_workload(tiny, references=("sklearn_numpy",), device="cpu")
     sk = record["results"]["sklearn_numpy"]
     assert sk["skipped"].startswith("memory: estimated") and sk["memory_available_bytes"] == 1000
+
+
+# ---------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh
+# ---------------------------------------------------------------------------------------
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses_and_its_dry_run_lists_every_step(tmp_path):
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], timeout=30).returncode == 0
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--out", str(tmp_path / "gc")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[dry-run] timeout")]
+    assert len(lines) == 5, done.stdout
+    assert "pytest" in lines[0] and ("-m gpu" in lines[0] or "-k cuda" in lines[0])
+    for line, workload in zip(lines[1:], ("a", "b", "d-full", "c1")):
+        assert f"--workload {workload} " in line and "--device cuda" in line, line
+        assert f"--out {tmp_path / 'gc'} " in line and "benchmarks/results" not in line
+    assert "--scale 0.1 --groups 100" in lines[4]
+    assert not (tmp_path / "gc").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_script_stops_with_a_clear_message_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run the whole check")
+    done = subprocess.run(["bash", str(GPU_CHECK), "--out", str(tmp_path / "gc")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    assert "no CUDA device" in done.stderr and not (tmp_path / "gc").exists()

@@ -19,6 +19,7 @@ __all__ = [
     "format_backend_table",
     "format_distributed_table",
     "format_records",
+    "format_summary",
     "format_table",
     "format_workload_table",
     "load_records",
@@ -184,3 +185,41 @@ def format_records(records: list[dict[str, Any]]) -> str:
     parts += [format_distributed_table(r) for r in records
               if str(r.get("benchmark", "")).startswith("data-parallel EM")]
     return "\n\n".join(parts)
+
+
+def format_summary(records: list[dict[str, Any]]) -> str:
+    """One line per implementation of each workload record (the GPU check's summary):
+    seconds per iteration, share of the device's matmul rate (and whether that rate was
+    TF32), the fit to tol, or why it was skipped."""
+    lines = []
+    for record in records:
+        if record.get("benchmark") != "em_workload":
+            continue
+        w = record["workload"]
+        head = (f"{w['name']} ({w['n_samples']}x{w['n_features']}, G={w['n_groups']}, "
+                f"K={w['n_components']}, {w['covariance_type']})")
+        if "skipped" in record:
+            lines.append(f"{head}: skipped: {record['skipped']}")
+            continue
+        probes = record.get("matmul_probe", {})
+        for name, entry in record["results"].items():
+            where = entry.get("device", "")
+            if "sec_per_iter" not in entry:
+                reason = entry.get("skipped") or entry.get("error", "")
+                lines.append(f"{head} {name}: {reason}")
+                continue
+            text = f"{head} {name} on {where}: {entry['sec_per_iter']:.4g} s/iteration"
+            if "fraction_of_matmul_peak" in entry:
+                probe = probes.get(where.split(":")[0], {})
+                tf32 = " TF32" if probe.get("tf32_on") else " FP32"
+                text += (f", {entry['gflops']:.0f} GFLOP/s = "
+                         f"{100 * entry['fraction_of_matmul_peak']:.0f}% of the{tf32} matmul rate")
+            fit = entry.get("fit", {})
+            if "seconds" in fit:
+                text += (f"; fit {fit['seconds']:.2f} s ({fit['n_iter_max']} iterations, "
+                         f"{'converged' if fit['converged'] else 'not converged'}, "
+                         f"peak {_bytes(fit.get('peak_memory_bytes'))})")
+            elif fit:
+                text += f"; fit {fit.get('skipped', '')}"
+            lines.append(text)
+    return "\n".join(lines)
