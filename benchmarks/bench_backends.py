@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_backends.py --quick          # tiny grid (~1 min with a warm KeOps cache)
     python benchmarks/bench_backends.py --device cuda    # the same grid on a GPU
     python benchmarks/bench_backends.py --threads 1      # one CPU thread each (shared machines)
-    python benchmarks/bench_backends.py --table          # re-print the table of the JSON
+    python benchmarks/bench_backends.py --table          # re-print the table of the committed JSON
 
 Method. For every grid point (covariance type, D, K, N; float32, G = 1) the same data and the
 same explicit initialisation (``weights_init``, ``means_init``, ``precisions_init``, ``tol=0``)
@@ -25,7 +25,9 @@ seconds to tens of seconds each, cached under ``~/.cache/keops*``); the compile 
 the JSON and inside the wall time. On a shared machine ``--threads 1`` gives steadier
 numbers (a multi-threaded torch op stalls when one of its threads is descheduled).
 
-Writes ``benchmarks/results/backends_<device>.json`` and prints a markdown table; ``ratio`` is
+Writes ``backends_<device>.json`` into a fresh ``results/bench-backends-<UTC time>/`` (``--out``
+names the file; ``--out benchmarks/results/backends_cpu.json`` rewrites the committed one, only
+when asked) and prints a markdown table; ``ratio`` is
 dense s/it divided by KeOps s/it (above 1: KeOps faster). The ``backend='auto'`` constants in
 ``idefender_gpu/mixture/_backends.py`` are read off this table.
 """
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads for torch and KeOps' OpenMP (default: the libraries' own); "
                              "1 is the least disturbed on a shared machine")
     parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/backends_<device>[_quick].json)")
+                        help="JSON path (default: results/bench-backends-<UTC time>/"
+                             "backends_<device>[_quick].json, a fresh folder; with --table: "
+                             "benchmarks/results/backends_<device>[_quick].json, the committed one)")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -274,7 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     default = f"backends_{device.type}{'_quick' if args.quick else ''}.json"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / default)
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.table:
+        out = Path(__file__).resolve().parent / "results" / default
+    else:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        out = Path("results") / f"bench-backends-{stamp}" / default
     if args.table:
         record = json.loads(out.read_text())
     else:

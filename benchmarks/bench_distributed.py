@@ -14,7 +14,8 @@ Each configuration runs in fresh processes (plain processes with a ``file://`` r
 as torchrun would start them), warms up with one iteration, then times one fit. The
 configurations run in ``rounds``, interleaved (rotated order each round), so that a change
 of load on a shared machine does not favour one of them; the fastest round counts.
-Results go to ``benchmarks/results/distributed_cpu.json``.
+Results go to a fresh ``results/bench-distributed-<UTC time>/distributed_cpu.json`` (``--out``
+names the file; ``--out benchmarks/results/distributed_cpu.json`` rewrites the committed one).
 
 Usage::
 
@@ -39,6 +40,7 @@ import warnings
 import numpy as np
 import torch
 
+#: The committed record (README cites it); a run writes it only when ``--out`` names it.
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "distributed_cpu.json")
 
 
@@ -119,7 +121,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: results/bench-distributed-<UTC time>/"
+                             f"distributed_cpu.json; the committed one is {RESULTS})")
     parser.add_argument("--configs", default="plain_1thread,dp1_1thread,dp2_1thread_each,plain_2threads",
                         help="comma-separated configurations to run (also: dp1_2threads)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -130,6 +134,9 @@ def main() -> None:
     if args.worker:
         _worker(args)
         return
+    if args.out is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        args.out = os.path.join("results", f"bench-distributed-{stamp}", "distributed_cpu.json")
     configs = [
         {"name": "plain_1thread", "mode": "plain", "world": 1, "threads": 1},
         {"name": "dp1_1thread", "mode": "dp", "world": 1, "threads": 1},
