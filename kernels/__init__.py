@@ -5,11 +5,17 @@ weighted sufficient statistics for the four covariance types, batched over a lea
 axis ``G`` and chunked over samples under a memory budget. Two backends export the same
 ``log_prob_norm`` and ``m_step_statistics``: dense torch (``_dense``, re-exported here) and
 KeOps (``idefender_gpu.kernels._keops``, imported lazily: pykeops is optional). Factor
-conversions live in ``_linalg``.
+conversions and the covariance-shape table (:func:`precision_shape`) live in ``_linalg``;
+numerical settings (the TF32 opt-in :func:`allow_tf32`) in ``_settings``.
+
+Importing this package imports torch only (never scikit-learn, pykeops or the mixture and
+detector stack).
 """
 
 from ._dense import (
+    CUDA_FREE_FRACTION,
     DEFAULT_MEMORY_BUDGET,
+    MIN_CHUNK_ROWS,
     chunk_rows,
     default_memory_budget,
     estimate_gaussian_parameters,
@@ -34,9 +40,14 @@ from ._linalg import (
     precision_from_prec_chol,
     scale_tril_from_prec_chol,
 )
+from ._settings import allow_tf32, tf32_enabled
 
 __all__ = [
     "COVARIANCE_TYPES",
+    "CUDA_FREE_FRACTION",
+    "MIN_CHUNK_ROWS",
+    "allow_tf32",
+    "tf32_enabled",
     "DEFAULT_MEMORY_BUDGET",
     "check_cholesky_info",
     "chunk_rows",

@@ -26,7 +26,9 @@ from torch import Tensor
 from ._linalg import LOG_2PI, log_det_prec_chol
 
 __all__ = [
+    "CUDA_FREE_FRACTION",
     "DEFAULT_MEMORY_BUDGET",
+    "MIN_CHUNK_ROWS",
     "chunk_rows",
     "default_memory_budget",
     "estimate_gaussian_parameters",
@@ -42,13 +44,35 @@ __all__ = [
 
 #: Default bound, in bytes, on the intermediates of one chunk, per device type. On CPU
 #: chunks that stay in cache are fastest (``benchmarks/bench_chunks.py`` measures it); on
-#: a GPU larger chunks keep the GEMMs large.
+#: a GPU larger chunks keep the GEMMs large. For CUDA this is the floor of a budget derived
+#: from the free device memory (:data:`CUDA_FREE_FRACTION`).
 DEFAULT_MEMORY_BUDGET = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 
+#: Share of the device memory that is free (to the driver, or cached but unused by
+#: PyTorch's allocator) that one CUDA chunk may use by default.
+CUDA_FREE_FRACTION = 0.25
 
-def default_memory_budget(device: torch.device) -> int:
-    """The default chunk budget in bytes for ``device`` (64 MiB for unknown types)."""
-    return DEFAULT_MEMORY_BUDGET.get(torch.device(device).type, 64 * 2**20)
+#: Fewest rows per chunk under the default budget, per device type. With many groups on
+#: a GPU (1000 ImageNet classes) the byte budget alone gives chunks of a few rows, and
+#: every chunk re-reads every precision factor (memory-bound GEMMs); 128 rows keep the
+#: GEMMs compute-bound. An explicit ``memory_budget`` is always honoured exactly.
+MIN_CHUNK_ROWS = {"cuda": 128}
+
+
+def default_memory_budget(device: torch.device | str) -> int:
+    """The default chunk budget in bytes for ``device`` (64 MiB for unknown types).
+
+    CUDA: ``max(512 MiB, CUDA_FREE_FRACTION * available)`` with ``available`` the free
+    device memory plus what PyTorch's caching allocator holds unused
+    (``torch.cuda.mem_get_info``, called for CUDA devices only).
+    """
+    device = torch.device(device)
+    budget = DEFAULT_MEMORY_BUDGET.get(device.type, 64 * 2**20)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = max(budget, int(CUDA_FREE_FRACTION * (free + cached)))
+    return budget
 
 
 def chunk_rows(
@@ -56,10 +80,17 @@ def chunk_rows(
 ) -> int:
     """Rows per chunk so that ``rows * bytes_per_row <= memory_budget`` (at least one).
 
-    ``memory_budget=None`` uses :func:`default_memory_budget` of ``device``.
+    ``memory_budget=None`` uses :func:`default_memory_budget` of ``device`` and at least
+    :data:`MIN_CHUNK_ROWS` rows of that device type (never more than ``n_rows``).
     """
-    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-    return max(1, min(n_rows, budget // max(1, bytes_per_row)))
+    min_rows = 1
+    if memory_budget is None:
+        device = torch.device(device)
+        budget = default_memory_budget(device)
+        min_rows = MIN_CHUNK_ROWS.get(device.type, 1)
+    else:
+        budget = int(memory_budget)
+    return max(1, min(n_rows, max(min_rows, budget // max(1, bytes_per_row))))
 
 
 def _chunks(n_rows: int, rows: int):
@@ -79,22 +110,38 @@ def _output(X: Tensor, G: int, K: int) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _group_centre(means: Tensor, shared: bool) -> Tensor:
+    """A reference point per group, ``(G, 1, D)`` (``(1, D)`` for a shared X): the mean of
+    the component means, detached (every Mahalanobis distance is invariant to it).
+
+    Samples and means are shifted by it before any product, so the GEMMs see
+    ``x - c`` and ``μ_k - c`` (the spread of the data about its centre) rather than
+    coordinates far from the origin: the cancellation in ``x P - μ P`` then costs only
+    the relative error of the product times ``(|x - c| + |μ - c|) / |x - μ|``, which
+    matters in float32 and most under TF32 (10-bit mantissa; see :mod:`._settings`).
+    """
+    centre = means.detach().mean(-2, keepdim=True)  # (G, 1, D)
+    return centre.mean(0) if shared else centre  # (1, D) for a shared X
+
+
 def _maha_full(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
-    """Squared Mahalanobis distances ``‖x P_k - μ_k P_k‖²``, full covariances.
+    """Squared Mahalanobis distances ``‖(x - c) P_k - (μ_k - c) P_k‖²``, full covariances.
 
     One GEMM per chunk against the components' factors laid side by side, with the
-    shift ``-μ_k P_k`` folded in as an extra row matched by a column of ones in the
-    samples: ``[x, 1] @ [[P_1 … P_K], [-μ_1 P_1 … -μ_K P_K]]`` is ``(c, K*D)`` per group.
-    (A broadcast bias in ``baddbmm`` costs an extra memory pass, and is pathologically
-    slow for some chunk sizes on CPU.) Then a squared norm over each component's D
-    columns.
+    shift ``-(μ_k - c) P_k`` folded in as an extra row matched by a column of ones in the
+    centred samples: ``[x - c, 1] @ [[P_1 … P_K], [-(μ_1 - c) P_1 … -(μ_K - c) P_K]]`` is
+    ``(c, K*D)`` per group (``c`` of :func:`_group_centre`). (A broadcast bias in
+    ``baddbmm`` costs an extra memory pass, and is pathologically slow for some chunk
+    sizes on CPU.) The centred samples are written straight into one ``[x - c, 1]``
+    buffer reused by every chunk. Then a squared norm over each component's D columns.
     """
     G, K, D, _ = prec_chol.shape
-    # Squaring in place is safe only when autograd does not need the product.
+    # In-place work (squaring, the reused buffer) only when autograd needs nothing of it.
     in_place = not (torch.is_grad_enabled() and (X.requires_grad or means.requires_grad
                                                   or prec_chol.requires_grad))
-    mu_prec = (means.unsqueeze(-2) @ prec_chol).squeeze(-2)  # (G, K, D)
     shared = X.ndim == 2  # samples scored under every group: one (c, D+1) @ (D+1, G*K*D) GEMM
+    centre = _group_centre(means, shared)  # (G, 1, D) or (1, D)
+    mu_prec = ((means - centre.view(-1, 1, D)).unsqueeze(-2) @ prec_chol).squeeze(-2)  # (G, K, D)
     if shared:
         prec_wide = prec_chol.permute(2, 0, 1, 3).reshape(D, G * K * D)  # (D, G*K*D)
         prec_wide = torch.cat([prec_wide, -mu_prec.reshape(1, G * K * D)], dim=0)  # (D+1, G*K*D)
@@ -102,9 +149,17 @@ def _maha_full(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor
         prec_wide = prec_chol.permute(0, 2, 1, 3).reshape(G, D, K * D)  # (G, D, K*D)
         prec_wide = torch.cat([prec_wide, -mu_prec.reshape(G, 1, K * D)], dim=1)  # (G, D+1, K*D)
     out = _output(X, G, K)  # (G, N, K)
-    for sl in _chunks(X.shape[-2], rows):
+    n_rows = X.shape[-2]
+    if in_place and n_rows:
+        buffer = X.new_empty(*X.shape[:-2], min(rows, n_rows), D + 1)  # (..., rows, D+1)
+        buffer[..., D] = 1
+    for sl in _chunks(n_rows, rows):
         xc = X[..., sl, :]  # (G, c, D) or (c, D)
-        x_aug = torch.cat([xc, xc.new_ones(*xc.shape[:-1], 1)], dim=-1)  # (..., c, D+1)
+        if in_place:
+            x_aug = buffer[..., : xc.shape[-2], :]  # (..., c, D+1)
+            torch.sub(xc, centre, out=x_aug[..., :D])
+        else:
+            x_aug = torch.cat([xc - centre, xc.new_ones(*xc.shape[:-1], 1)], dim=-1)
         y = x_aug @ prec_wide  # (G, c, K*D) or (c, G*K*D)
         y = y.square_() if in_place else y.square()
         if shared:
@@ -115,11 +170,13 @@ def _maha_full(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor
 
 
 def _maha_tied(X: Tensor, means: Tensor, prec_chol: Tensor, rows: int) -> Tensor:
-    """``‖x P - μ_k P‖²`` with one factor ``P (G, D, D)`` shared by the K components."""
-    mu_prec = means @ prec_chol  # (G, K, D)
+    """``‖(x - c) P - (μ_k - c) P‖²`` with one factor ``P (G, D, D)`` shared by the K
+    components, centred on :func:`_group_centre` before the product."""
+    centre = _group_centre(means, X.ndim == 2)  # (G, 1, D) or (1, D)
+    mu_prec = (means - centre.view(-1, 1, means.shape[-1])) @ prec_chol  # (G, K, D)
     out = _output(X, *means.shape[:2])  # (G, N, K)
     for sl in _chunks(X.shape[-2], rows):
-        y = X[..., sl, :] @ prec_chol  # (G, c, D)
+        y = (X[..., sl, :] - centre) @ prec_chol  # (G, c, D)
         diff = y.unsqueeze(-2) - mu_prec.unsqueeze(-3)  # (G, c, K, D)
         out[:, sl] = diff.square().sum(-1)  # (G, c, K)
     return out
@@ -256,6 +313,14 @@ def _add_to_diagonal(matrices: Tensor, value: float) -> Tensor:
     return matrices
 
 
+def _add_gram(total: Tensor, scaled: Tensor) -> None:
+    """``total (..., D, D) += scaledᵀ scaled`` (``scaled (..., c, D)``) by one in-place
+    ``baddbmm_`` over the flattened batch: no ``(..., D, D)`` temporary per chunk."""
+    c, D = scaled.shape[-2:]
+    flat = scaled.reshape(-1, c, D)
+    total.view(-1, D, D).baddbmm_(flat.mT, flat)
+
+
 def _covariances_full(X, resp, nk, means, reg_covar, memory_budget):
     """``Σ_k = Σ_n r_nk (x_n - μ_k)(x_n - μ_k)ᵀ / n_k + reg``, accumulated centred.
 
@@ -268,7 +333,7 @@ def _covariances_full(X, resp, nk, means, reg_covar, memory_budget):
     for sl in _chunks(X.shape[1], rows):
         scaled = X[:, sl].unsqueeze(1) - means.unsqueeze(2)  # (G, K, c, D)
         scaled.mul_(sqrt_resp[:, :, sl])
-        cov.add_(scaled.mT @ scaled)  # (G, K, D, D)
+        _add_gram(cov, scaled)  # (G, K, D, D) += scaledᵀ scaled, in place
     cov.div_(nk[..., None, None])
     return _add_to_diagonal(cov, reg_covar)
 
@@ -295,7 +360,7 @@ def tied_covariance(
     cov = X.new_zeros(G, D, D)
     for sl in _chunks(X.shape[1], rows):
         xc = X[:, sl] - centre.unsqueeze(1)  # (G, c, D)
-        cov.add_((xc * weight[:, sl].unsqueeze(-1)).mT @ xc)  # (G, D, D)
+        cov.baddbmm_((xc * weight[:, sl].unsqueeze(-1)).mT, xc)  # (G, D, D), in place
     mu = means - centre.unsqueeze(1)  # (G, K, D)
     cov.sub_((mu * nk.unsqueeze(-1)).mT @ mu)  # (G, D, D)
     cov.div_(total[:, None, None])
@@ -320,7 +385,7 @@ def _covariances_diag(X, resp, nk, means, reg_covar, memory_budget):
     centre = ((nk.unsqueeze(-1) * means).sum(-2) / nk.sum(-1, keepdim=True)).unsqueeze(1)  # (G, 1, D)
     second = X.new_zeros(G, K, D)
     for sl in _chunks(X.shape[1], rows):
-        second.add_(resp[:, sl].mT @ (X[:, sl] - centre).square())  # (G, K, D)
+        second.baddbmm_(resp[:, sl].mT, (X[:, sl] - centre).square())  # (G, K, D), in place
     var = second.div_(nk.unsqueeze(-1)).sub_((means - centre).square())
     return var.clamp_min_(0).add_(reg_covar)  # (G, K, D)
 
@@ -457,7 +522,7 @@ def shifted_statistics(
         second = X.new_zeros(G, D, D)
         for sl in _chunks(N, rows):
             xc = X[:, sl] - shift  # (G, c, D)
-            second.add_((xc * weight[:, sl].unsqueeze(-1)).mT @ xc)
+            second.baddbmm_((xc * weight[:, sl].unsqueeze(-1)).mT, xc)  # in place
         return counts, first, second
     rows = chunk_rows(N, G * K * D * X.element_size(), memory_budget, X.device)
     if covariance_type == "full":
@@ -466,13 +531,15 @@ def shifted_statistics(
         for sl in _chunks(N, rows):
             scaled = X[:, sl].unsqueeze(1) - centres.unsqueeze(2)  # (G, K, c, D)
             scaled.mul_(sqrt_resp[:, :, sl])
-            second.add_(scaled.mT @ scaled)  # (G, K, D, D)
+            _add_gram(second, scaled)  # (G, K, D, D), in place
         return counts, first, second
-    second = X.new_zeros(G, K, 1, D)
+    second = X.new_zeros(G * K, 1, D)
     for sl in _chunks(N, rows):
         diff_sq = (X[:, sl].unsqueeze(1) - centres.unsqueeze(2)).square()  # (G, K, c, D)
-        second.add_(resp[:, sl].mT.unsqueeze(-2) @ diff_sq)  # (G, K, 1, D)
-    return counts, first, second.squeeze(-2)
+        c = diff_sq.shape[2]
+        weights = resp[:, sl].mT.reshape(G * K, 1, c)  # (G*K, 1, c)
+        second.baddbmm_(weights, diff_sq.view(G * K, c, D))  # (G*K, 1, D), in place
+    return counts, first, second.view(G, K, D)
 
 
 def statistics_to_parameters(

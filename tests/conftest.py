@@ -125,3 +125,38 @@ def train_bars(n_train: int = 600, n_test: int = 300):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return model.eval(), x_train, y_train, x_test, y_test
+
+
+# --------------------------------------------------------------------------------------
+# TF32 emulation on any device (appended by the kernels' tests, issue 16 item 6)
+# --------------------------------------------------------------------------------------
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) rounded to TF32's 10-bit mantissa (nearest, ties away from zero),
+    as tensor cores round their GEMM operands; other dtypes are returned unchanged."""
+    if t.dtype != torch.float32:
+        return t
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(t.shape)
+
+
+class EmulateTF32(torch.overrides.TorchFunctionMode):
+    """Inside ``with EmulateTF32():`` every float32 matrix product rounds its two factors to
+    TF32 first and accumulates in float32, as a CUDA GEMM does with TF32 allowed. The
+    accumulator of ``baddbmm``/``addmm`` is not rounded (cuBLAS keeps it in float32)."""
+
+    _PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+                 torch.Tensor.mm, torch.bmm, torch.Tensor.bmm}
+    _ACCUMULATING = {torch.baddbmm, torch.Tensor.baddbmm, torch.Tensor.baddbmm_, torch.addmm,
+                     torch.Tensor.addmm, torch.Tensor.addmm_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._PRODUCTS:
+            args = (round_to_tf32(args[0]), round_to_tf32(args[1]), *args[2:])
+        elif func is torch.Tensor.__rmatmul__:
+            args = (round_to_tf32(args[0]), round_to_tf32(args[1]), *args[2:])
+        elif func in self._ACCUMULATING:
+            args = (args[0], round_to_tf32(args[1]), round_to_tf32(args[2]), *args[3:])
+        return func(*args, **kwargs)
