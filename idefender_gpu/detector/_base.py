@@ -174,6 +174,10 @@ class _DetectorBase:
 
         Raises
         ------
+        InvalidParameterError
+            (a ``ValueError`` and a ``TypeError``) If a hyper-parameter, set since the
+            detector was built, fails the class's ``_parameter_constraints``; raised
+            before any data is read.
         ValueError
             For labels outside ``[0, n_classes)``, a class with too few samples, a model
             whose output is not ``(B, n_classes)``, inputs of inconsistent shapes, or an
@@ -204,8 +208,9 @@ class _DetectorBase:
                                progress=self.progress, owner=type(self).__name__,
                                data_parallel=density_cls.data_parallel)
         first = next(iter(data.states.values()))
-        dtype = resolve_dtype(self.dtype, first)
-        options = self._fit_options(dtype, first.device)
+        dtype, device = resolve_dtype(self.dtype, first), first.device
+        del first  # the states before the cast are freed by it
+        options = self._fit_options(dtype, device)
         data = data.cast(dtype)
         # A loop over layers (different D), never over classes: one batched fit per layer.
         # Inside data_parallel each fit is data-parallel over the ranks' hidden states.
@@ -231,6 +236,17 @@ class _DetectorBase:
         Returns
         -------
         self
+
+        Raises
+        ------
+        NotFittedError
+            Before :meth:`fit`.
+        InvalidParameterError
+            (a ``ValueError`` and a ``TypeError``) For a ``keep`` outside ``(0, 1]`` or NaN;
+            nothing is changed.
+        ValueError
+            As :meth:`fit` for the loader, or inputs of another per-sample shape than the
+            detector was fitted on.
         """
         self._check_is_fitted()
         keep = self.keep if keep is None else keep

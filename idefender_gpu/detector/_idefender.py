@@ -69,6 +69,13 @@ class IDefender(_DetectorBase):
         tqdm progress bar over the loader in :meth:`fit` / :meth:`calibrate`. Default:
         shown when stderr is a terminal.
 
+    Raises
+    ------
+    InvalidParameterError
+        (a ``ValueError`` and a ``TypeError``) For a hyper-parameter outside what the
+        class's ``_parameter_constraints`` table declares (NaN and infinity never pass a
+        real one); ``ValueError`` for a layer name the model does not have.
+
     Attributes
     ----------
     model : torch.nn.Module

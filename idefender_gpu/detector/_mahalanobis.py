@@ -52,6 +52,13 @@ class MahalanobisDetector(_DetectorBase):
     dtype, memory_budget, progress
         As in :class:`IDefender`.
 
+    Raises
+    ------
+    InvalidParameterError
+        (a ``ValueError`` and a ``TypeError``) For a hyper-parameter outside what the
+        class's ``_parameter_constraints`` table declares (NaN and infinity never pass a
+        real one); ``ValueError`` for a layer name the model does not have.
+
     Attributes
     ----------
     model, layers_, n_features_, n_classes_, input_shape_, thresholds_, keep_
