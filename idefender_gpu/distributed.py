@@ -106,8 +106,18 @@ class DataParallel:
     # -- plumbing --------------------------------------------------------------------------
 
     def _comm_device(self, device: torch.device) -> torch.device:
-        """Where a collective's buffer must live: CUDA for NCCL, CPU for gloo."""
+        """Where a collective's buffer must live: CUDA for NCCL, CPU for gloo.
+
+        For NCCL, the device of the tensors themselves (the rank's compute device), not
+        ``torch.cuda.current_device()``: a rank that computes on ``cuda:1`` without calling
+        ``torch.cuda.set_device(1)`` would otherwise hand NCCL buffers on ``cuda:0``, the same
+        GPU as rank 0 (NCCL then fails with a duplicate-GPU error or hangs). Only a
+        tensor that is not on CUDA (e.g. a CPU table of fault flags) goes to the current
+        CUDA device."""
         if self.backend == "nccl":
+            if device.type == "cuda":
+                return device if device.index is not None else \
+                    torch.device("cuda", torch.cuda.current_device())
             return torch.device("cuda", torch.cuda.current_device())
         if self.backend == "gloo":
             return torch.device("cpu")
@@ -282,14 +292,22 @@ def data_parallel(group: Any = None, *, timeout: Any = None) -> Iterator[DataPar
         initialised first (``torch.distributed.init_process_group``, e.g. under
         ``torchrun``).
     timeout : float (seconds) or datetime.timedelta, optional
-        Longest wait of each collective of the fits. A rank that crashed or is stuck then
-        makes the others raise :class:`RankFailedError` instead of waiting forever.
-        Default: the process group's timeout (``init_process_group(timeout=...)``, 30
-        minutes by default). gloo honours ``timeout`` directly. NCCL's ``wait()`` does not
-        block the host unless ``TORCH_NCCL_BLOCKING_WAIT=1``, so on NCCL ``timeout``
-        applies only with that variable set; otherwise NCCL's watchdog enforces the
-        process group's timeout and, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` (on by
-        default), tears the process down: set ``init_process_group(timeout=...)`` too.
+        Longest wait of each collective of the fits, through ``work.wait(timeout)``. A rank
+        that crashed or is stuck then makes the others raise :class:`RankFailedError`
+        instead of waiting forever. Default: the process group's own timeout
+        (``init_process_group(timeout=...)``; 30 minutes for gloo, 10 minutes for NCCL in
+        current PyTorch). What a timeout does depends on the backend:
+
+        * gloo: ``wait(timeout)`` blocks the calling thread until the collective completes
+          or ``timeout`` passes, then raises; this rank raises :class:`RankFailedError`.
+          The collective was abandoned half-way, so the ranks no longer agree on the order
+          of collectives: do not reuse the process group for another fit.
+        * NCCL: ``wait(timeout)`` blocks the CPU too (it is not only a stream
+          synchronisation); on timeout the communicator is aborted and the error is raised
+          here as :class:`RankFailedError`. The process group cannot be used again
+          afterwards (create a new one), and NCCL's watchdog may also end the process
+          when ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is set (its default tears down on
+          errors).
 
     Yields
     ------

@@ -66,7 +66,8 @@ def data():
 
 
 def snapshot(model):
-    state = {k: copy.deepcopy(v) for k, v in vars(model).items() if k.endswith("_")}
+    names = {k for k in vars(model) if k.endswith("_")} | set(FITTED)  # FITTED are properties
+    state = {k: copy.deepcopy(getattr(model, k)) for k in names}
     assert set(FITTED) <= state.keys()
     return state
 
@@ -263,7 +264,8 @@ def test_init_arrays_with_wrong_shape(api, data):
     ]
     for name, array, covariance_type, expected in cases:
         model = api.make(2, covariance_type=covariance_type, **{name: api.init(array)})
-        with pytest.raises(ValueError, match=re.escape(f"The parameter '{name}' should have the shape of {expected}")):
+        sk_name = {"weights_init": "weights", "means_init": "means"}.get(name, f"{covariance_type} precision")
+        with pytest.raises(ValueError, match=re.escape(f"The parameter '{sk_name}' should have the shape of {expected}")):
             api.fit(model, data)
 
 
@@ -290,7 +292,8 @@ def test_init_tensor_on_wrong_device(api, data, name):
 def test_non_normalised_or_negative_weights(api, data):
     with pytest.raises(ValueError, match=r"'weights' should be normalized, but got sum\(weights\) = 1.10000"):
         api.fit(api.make(2, weights_init=api.init([0.5, 0.6])), data)
-    with pytest.raises(ValueError, match=r"'weights' should be in the range \[0, 1\].*min value -0.50000"):
+    # scikit-learn's message prints the minimum as "max value" (kept word for word)
+    with pytest.raises(ValueError, match=r"'weights' should be in the range \[0, 1\], but got max value -0.50000, min value 1.50000"):
         api.fit(api.make(2, weights_init=api.init([-0.5, 1.5])), data)
 
 
@@ -299,8 +302,41 @@ def test_non_normalised_or_negative_weights(api, data):
 def test_non_finite_init_arrays(api, data, name):
     value = {"weights_init": np.array([0.5, np.nan]), "means_init": np.array([[0.0, 0.0], [np.inf, 0.0]]),
              "precisions_init": np.array([np.eye(2), np.full((2, 2), np.nan)])}[name]
-    with pytest.raises(ValueError, match=rf"{name} must be finite"):
+    message = "Input contains infinity" if name == "means_init" else "Input contains NaN."
+    with pytest.raises(ValueError, match=message):
         api.fit(api.make(2, **{name: api.init(value)}), data)
+
+
+SKLEARN_INIT_ERRORS = [  # bad init arrays for which scikit-learn's GaussianMixture raises
+    ("full", {"weights_init": np.full(3, 1 / 3)}),
+    ("full", {"weights_init": np.array([0.5, 0.6])}),
+    ("full", {"weights_init": np.array([-0.5, 1.5])}),
+    ("full", {"weights_init": np.array([0.5, np.nan])}),
+    ("full", {"means_init": np.zeros((3, 2))}),
+    ("full", {"means_init": np.array([[0.0, 0.0], [np.inf, 0.0]])}),
+    ("full", {"precisions_init": np.ones((2, 2))}),
+    ("full", {"precisions_init": np.array([np.eye(2), -np.eye(2)])}),
+    ("full", {"precisions_init": np.array([np.eye(2), [[1.0, 0.5], [0.0, 1.0]]])}),
+    ("tied", {"precisions_init": np.ones(2)}),
+    ("tied", {"precisions_init": np.array([[1.0, 2.0], [2.0, 1.0]])}),
+    ("diag", {"precisions_init": np.ones((2, 3))}),
+    ("diag", {"precisions_init": np.array([[1.0, 1.0], [1.0, 0.0]])}),
+    ("spherical", {"precisions_init": np.ones(3)}),
+    ("spherical", {"precisions_init": np.array([1.0, -1.0])}),
+]
+
+
+@pytest.mark.parametrize("covariance_type, init", SKLEARN_INIT_ERRORS,
+                         ids=[f"{c}-{next(iter(i))}-{k}" for k, (c, i) in enumerate(SKLEARN_INIT_ERRORS)])
+def test_init_errors_word_for_word_as_sklearn(data, covariance_type, init):
+    """The drop-in raises scikit-learn 1.9.1's exact message for each bad init array."""
+    import sklearn.mixture
+
+    with pytest.raises(ValueError) as expected:
+        sklearn.mixture.GaussianMixture(2, covariance_type=covariance_type, **init).fit(data)
+    with pytest.raises(ValueError) as ours:
+        GaussianMixture(2, covariance_type=covariance_type, **init).fit(data)
+    assert str(ours.value) == str(expected.value)
 
 
 NOT_PD = {
@@ -331,21 +367,32 @@ def test_non_symmetric_precisions(api, data):
 # --------------------------------------------------------------------------------------
 
 
-HYPERPARAMETERS = [
-    ({"n_components": 0}, ValueError, r"'n_components' parameter must be in the range \[1, inf\). Got 0"),
-    ({"n_components": 1.5}, TypeError, r"'n_components' parameter must be an int"),
-    ({"covariance_type": "foo"}, ValueError, r"'covariance_type' parameter must be a str among .*Got 'foo'"),
-    ({"tol": -1}, ValueError, r"'tol' parameter must be in the range \[0.0, inf\). Got -1"),
-    ({"reg_covar": -1e-3}, ValueError, r"'reg_covar' parameter must be in the range"),
-    ({"max_iter": -1}, ValueError, r"'max_iter' parameter must be in the range \[0, inf\)"),
-    ({"n_init": 0}, ValueError, r"'n_init' parameter must be in the range \[1, inf\)"),
-    ({"init_params": "foo"}, ValueError, r"'init_params' parameter must be a str among .*Got 'foo'"),
-    ({"backend": "foo"}, ValueError, r"'backend' parameter must be a str among .*'auto'.*Got 'foo'"),
-    ({"memory_budget": 0}, ValueError, r"'memory_budget' parameter must be in the range \(0, inf\). Got 0"),
-    ({"warm_start": "yes"}, TypeError, r"'warm_start' parameter must be a bool"),
-    ({"dtype": "float16"}, ValueError, r"dtype must be one of .*got 'float16'"),
-    ({"device": "nodevice"}, ValueError, r"device must be a torch device or its name; got 'nodevice'"),
-    ({"random_state": "seed"}, ValueError, r"random_state must be None, an int"),
+HYPERPARAMETERS = [  # scikit-learn's wording (InvalidParameterError is a ValueError and a TypeError)
+    ({"n_components": 0}, ValueError, r"The 'n_components' parameter of {name} must be an int in the range \[1, inf\). Got 0 instead."),
+    ({"n_components": 1.5}, TypeError, r"'n_components' parameter of {name} must be an int"),
+    ({"covariance_type": "foo"}, ValueError, r"'covariance_type' parameter of {name} must be a str among .*Got 'foo'"),
+    ({"tol": -1}, ValueError, r"'tol' parameter of {name} must be a float in the range \[0.0, inf\). Got -1"),
+    ({"reg_covar": -1e-3}, ValueError, r"'reg_covar' parameter of {name} must be a float in the range"),
+    ({"max_iter": -1}, ValueError, r"'max_iter' parameter of {name} must be an int in the range \[0, inf\)"),
+    ({"n_init": 0}, ValueError, r"'n_init' parameter of {name} must be an int in the range \[1, inf\)"),
+    ({"init_params": "foo"}, ValueError, r"'init_params' parameter of {name} must be a str among .*Got 'foo'"),
+    ({"backend": "foo"}, ValueError, r"'backend' parameter of {name} must be a str among .*'auto'.*Got 'foo'"),
+    ({"memory_budget": 0}, ValueError, r"'memory_budget' parameter of {name} must be an int in the range \(0, inf\) or None. Got 0"),
+    ({"warm_start": "yes"}, TypeError, r"'warm_start' parameter of {name} must be an instance of 'bool'"),
+    ({"dtype": "float16"}, ValueError, r"'dtype' parameter of {name} must be .*Got 'float16'"),
+    ({"device": "nodevice"}, ValueError, r"'device' parameter of {name} must be a torch device or its name or None. Got 'nodevice'"),
+    ({"random_state": "seed"}, ValueError, r"'random_state' parameter of {name} must be an int in the range \[0, 4294967295\]"),
+    ({"random_state": -1}, ValueError, r"'random_state' parameter of {name} must be an int in the range"),
+    ({"verbose": -1}, ValueError, r"'verbose' parameter of {name} must be an int in the range \[0, inf\)"),
+    ({"verbose_interval": 0}, ValueError, r"'verbose_interval' parameter of {name} must be an int in the range \[1, inf\)"),
+    ({"weights_init": 0.5}, ValueError, r"'weights_init' parameter of {name} must be an array-like or None"),
+    # NaN and infinity satisfy no interval: every real hyper-parameter rejects them
+    ({"tol": float("nan")}, ValueError, r"The 'tol' parameter of {name} must be a float in the range \[0.0, inf\). Got nan instead."),
+    ({"tol": float("inf")}, ValueError, r"The 'tol' parameter of {name} must be a float in the range \[0.0, inf\). Got inf instead."),
+    ({"reg_covar": float("nan")}, ValueError, r"The 'reg_covar' parameter of {name} must be a float .*Got nan instead."),
+    ({"reg_covar": float("inf")}, ValueError, r"The 'reg_covar' parameter of {name} must be a float .*Got inf instead."),
+    ({"reg_covar": np.float32("nan")}, ValueError, r"The 'reg_covar' parameter of {name} must be a float .*Got np.float32\(nan\)"),
+    ({"tol": -float("inf")}, ValueError, r"The 'tol' parameter of {name} must be a float .*Got -inf instead."),
 ]
 
 
@@ -355,7 +402,7 @@ HYPERPARAMETERS = [
 def test_invalid_hyperparameters(api, data, params, error, message):
     kwargs = {"n_components": 2, **params}
     model = api.make(**kwargs)  # construction never validates (scikit-learn contract)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message.replace("{name}", api.name)):
         api.fit(model, data)
 
 

@@ -21,7 +21,7 @@ from sklearn.base import clone
 
 from idefender_gpu.exceptions import ConvergenceWarning, NotFittedError
 from idefender_gpu.mixture import GaussianMixture
-from idefender_gpu.mixture import _base as mixture_base
+from idefender_gpu.mixture import _core as mixture_core
 
 COVARIANCE_TYPES = ["full", "tied", "diag", "spherical"]
 INIT_PARAMS = ["kmeans", "k-means++", "random", "random_from_data"]
@@ -343,8 +343,10 @@ def test_tensor_in_tensor_out_on_the_same_device(small_data, device, torch_dtype
     assert samples.dtype == torch_dtype and tuple(samples.shape) == (5, 3)
     assert labels.dtype == torch.int64 and labels.device == X.device
     # the same model from NumPy input
-    ref = GaussianMixture(2, random_state=0).fit(small_data.astype(np.float32 if torch_dtype == torch.float32
-                                                                   else np.float64))
+    # the same model from NumPy input, on the same device (NumPy input alone would pick
+    # CUDA when available: another generator, other k-means seeds)
+    ref = GaussianMixture(2, random_state=0, device=X.device).fit(
+        small_data.astype(np.float32 if torch_dtype == torch.float32 else np.float64))
     torch.testing.assert_close(model.means_.cpu(), torch.from_numpy(ref.means_), **tol(torch_dtype))
 
 
@@ -479,14 +481,14 @@ def test_warm_start_continues_the_previous_fit(parity_data):
 def test_n_init_keeps_the_best_run(parity_data, monkeypatch):
     X, _ = parity_data
     finals = []
-    real_run_em = mixture_base._run_em
+    real_run_em = mixture_core.run_em
 
     def spy(*args, **kwargs):
         run = real_run_em(*args, **kwargs)
         finals.append(float(run.lower_bound[0]))
         return run
 
-    monkeypatch.setattr(mixture_base, "_run_em", spy)
+    monkeypatch.setattr(mixture_core, "run_em", spy)
     kwargs = dict(n_components=3, init_params="random", random_state=0)
     best = GaussianMixture(n_init=4, **kwargs).fit(X)
     assert len(finals) == 4 and len(set(finals)) > 1, finals

@@ -1,7 +1,7 @@
 """Data-parallel EM on ``torch.distributed`` (private): the data source behind
 :func:`idefender_gpu.distributed.data_parallel`.
 
-Each rank holds a shard of the samples, in memory (the padded group layout of ``_InMemory``)
+Each rank holds a shard of the samples, in memory (the padded group layout of ``_memory.InMemorySource``)
 or as a stream (``StreamSource``). One EM iteration:
 
 1. E-step on the local shard: responsibilities under the current parameters;
@@ -38,15 +38,18 @@ import torch
 from torch import Tensor
 
 from idefender_gpu import kernels
-from idefender_gpu._validation import check_array, resolve_device, resolve_dtype
+from idefender_gpu._validation import ArrayKind, check_array, resolve_device, resolve_dtype
 from idefender_gpu.distributed import DataParallel
-from idefender_gpu.mixture._base import (
-    _finish_m_step,
-    _group_layout,
-    _Groups,
-    _InMemory,
-    _peek,
-    _seed_of,
+from idefender_gpu.mixture._core import (
+    Config,
+    Groups,
+    Params,
+    Request,
+    finish_m_step,
+    group_layout,
+    labels_for_fit,
+    peek,
+    seed_of,
 )
 from idefender_gpu.mixture._stream import StreamSource, initial_statistics_from_sample, reservoir_size
 
@@ -126,7 +129,7 @@ class _RowHash:
 class _LocalMemory:
     """This rank's samples in the padded layout of all G groups (some may be empty here)."""
 
-    def __init__(self, groups: _Groups, memory_budget: int | None) -> None:
+    def __init__(self, groups: Groups, memory_budget: int | None) -> None:
         self.groups = groups
         self._budget = memory_budget
 
@@ -161,7 +164,7 @@ class _LocalMemory:
         return chosen_keys, rows
 
     def block(self, start: int, stop: int, device: torch.device) -> _LocalMemory:
-        return _LocalMemory(_InMemory(self.groups).block(start, stop, device).groups, self._budget)
+        return _LocalMemory(self.groups.block(start, stop, device), self._budget)
 
 
 class _LocalStream:
@@ -211,13 +214,19 @@ class DistributedSource:
         Rank 0's seed from ``random_state``: the initialisation's generator and the row hash.
     n_features : int
     memory_budget : int or None
+    device : torch.device
+        The compute device.
+    kind : ArrayKind
+        How this rank's input arrived.
     """
 
     def __init__(self, setting: DataParallel, local, counts: Tensor, seed: int, n_features: int,
-                 memory_budget: int | None) -> None:
+                 memory_budget: int | None, device: torch.device, kind: ArrayKind) -> None:
         self.setting = setting
         self.local = local
         self.counts = counts
+        self.device = device
+        self.kind = kind
         self.seed = seed
         self.n_features = n_features
         self._budget = memory_budget
@@ -234,7 +243,12 @@ class DistributedSource:
     def block(self, start: int, stop: int, device: torch.device) -> DistributedSource:
         return DistributedSource(self.setting, self.local.block(start, stop, device),
                                  self.counts[start:stop].to(device), self.seed, self.n_features,
-                                 self._budget)
+                                 self._budget, device, self.kind)
+
+    @property
+    def groups(self) -> Groups:
+        """This rank's samples in the padded layout (an in-memory shard only)."""
+        return self.local.groups
 
     def _accumulate(self, centres: Tensor, covariance_type: str, resp_of_batch: Callable,
                     what: str = "a pass of the initialisation") -> list[Tensor]:
@@ -246,7 +260,7 @@ class DistributedSource:
 
     # -- EM ------------------------------------------------------------------------------
 
-    def em_step(self, params, cfg):
+    def em_step(self, params: Params, cfg: Config):
         """One iteration: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``
         (set to -1 everywhere when a rank failed; :meth:`check_info` then raises)."""
         log_weights = params.weights.log()
@@ -265,7 +279,7 @@ class DistributedSource:
             _statistics_shapes(G, K, D, ctype), params.means.dtype, params.means.device,
             "an EM iteration")
         stats = kernels.statistics_to_parameters(counts, first, second, params.means, cfg.reg_covar, ctype)
-        new_params, info = _finish_m_step(*stats, cfg)
+        new_params, info = finish_m_step(*stats, cfg)
         self._fault = (flags, exc)
         info = torch.where(flags.any(), torch.full_like(info, -1), info)  # no host sync here
         return log_lik / self.counts, new_params, info
@@ -308,7 +322,7 @@ class DistributedSource:
         self._sample = (sample, (chosen_keys != _NO_KEY).to(counts.dtype))
         return self._sample
 
-    def initial_statistics(self, method: str, gen: torch.Generator, cfg) -> tuple[Tensor, Tensor, Tensor]:
+    def initial_statistics(self, method: str, gen: torch.Generator, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
         """``(nk, means, covariances)`` of ``init_params``, identical on every rank."""
         sample, weight = self._seeding_sample(cfg.n_components)
         K = cfg.n_components
@@ -360,20 +374,20 @@ def _global_counts(setting: DataParallel, local_counts: Callable[[], Tensor], G:
     return counts.to(dtype)
 
 
-def fit_shard(estimator, X: Any, y: Any, setting: DataParallel):
-    """``estimator._fit`` on this rank's shard ``X`` (``y``): validate locally, agree across
-    ranks, fit. Returns the local group layout and each local sample's (group, row)."""
-    name = type(estimator).__name__
+def open_memory_shard(request: Request, X: Any, y: Any, setting: DataParallel) -> DistributedSource:
+    """The data-parallel source of ``fit`` on this rank's shard ``X`` (``y``): validate
+    locally, agree across ranks, count the groups over all ranks."""
+    name = request.estimator_name
 
     def validate():
-        raw, kind = _peek(X)
-        dtype = resolve_dtype(estimator.dtype, raw)
-        device = resolve_device(estimator.device, raw, kind.numpy)
-        X_t, kind = check_array(X, dtype=dtype, device=estimator._storage_device(device),
+        raw, kind = peek(X)
+        dtype = resolve_dtype(request.dtype, raw)
+        device = resolve_device(request.device, raw, kind.numpy)
+        X_t, kind = check_array(X, dtype=dtype, device=request.storage(device),
                                 estimator_name=name, ensure_min_samples=1)
         n_samples, D = X_t.shape
-        y_t, n_groups = estimator._labels_for_fit(y, n_samples, device, dtype, D)
-        return ([D, n_groups, n_samples, _DTYPE_CODES.get(dtype, -1), _seed_of(estimator.random_state)],
+        y_t, n_groups = labels_for_fit(request, y, n_samples, device)
+        return ([D, n_groups, n_samples, _DTYPE_CODES.get(dtype, -1), seed_of(request.random_state)],
                 (X_t, y_t, kind, device, dtype))
 
     (X_t, y_t, kind, device, dtype), table = setting.exchange(
@@ -383,33 +397,29 @@ def fit_shard(estimator, X: Any, y: Any, setting: DataParallel):
     layout: dict[str, Any] = {}
 
     def local_counts() -> Tensor:
-        layout["value"] = _group_layout(X_t, y_t, G)
+        layout["value"] = group_layout(X_t, y_t, G)
         return layout["value"][0].counts
 
     counts = _global_counts(setting, local_counts, G, dtype, device)
-    groups, y_t, rows = layout["value"]
-    source = DistributedSource(setting, _LocalMemory(groups, estimator.memory_budget), counts, seed, D,
-                               estimator.memory_budget)
-    estimator._fit_source(source, D, kind, device)
-    return groups, y_t, rows
+    groups = layout["value"][0]
+    return DistributedSource(setting, _LocalMemory(groups, request.memory_budget), counts, seed, D,
+                             request.memory_budget, device, kind)
 
 
-def fit_stream_shard(estimator, data: Any, setting: DataParallel) -> None:
-    """``fit_stream`` on this rank's batches: one first pass per rank (validation, counts,
-    hash-keyed reservoir), agreement across ranks, then data-parallel EM."""
-    name = type(estimator).__name__
-    _, seeds = setting.exchange(lambda: ([_seed_of(estimator.random_state)], None), 1,
+def open_stream_shard(request: Request, data: Any, setting: DataParallel) -> DistributedSource:
+    """The data-parallel source of ``fit_stream`` on this rank's batches: one first pass
+    per rank (validation, counts, hash-keyed reservoir), agreement across ranks."""
+    name = request.estimator_name
+    _, seeds = setting.exchange(lambda: ([seed_of(request.random_state)], None), 1,
                                 "drawing the random seed")
     seed = seeds[0][0]
-    row_hash = _RowHash(seed, estimator.memory_budget)
+    row_hash = _RowHash(seed, request.memory_budget)
 
     def first_pass():
         stream = StreamSource(
-            data, batched=estimator._batched, n_components=estimator.n_components,
-            n_groups=estimator._init_groups() if estimator._batched else 1,
-            dtype=estimator.dtype, device=estimator.device, estimator_name=name,
-            random_state_generator=lambda device: torch.Generator(device=device).manual_seed(seed),
-            memory_budget=estimator.memory_budget, row_keys=row_hash.keys,
+            data, request,
+            lambda device: torch.Generator(device=device).manual_seed(seed),
+            row_keys=row_hash.keys,
         )
         return ([stream.n_features, stream.counts.shape[0], int(stream.counts.sum()),
                  _DTYPE_CODES.get(stream.dtype, -1)], stream)
@@ -422,5 +432,5 @@ def fit_stream_shard(estimator, data: Any, setting: DataParallel) -> None:
         return torch.cat([counts, counts.new_zeros(G - counts.shape[0])])
 
     counts = _global_counts(setting, local_counts, G, stream.dtype, stream.device)
-    source = DistributedSource(setting, _LocalStream(stream, G), counts, seed, D, estimator.memory_budget)
-    estimator._fit_source(source, D, stream.kind)
+    return DistributedSource(setting, _LocalStream(stream, G), counts, seed, D, request.memory_budget,
+                             stream.device, stream.kind)

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from numbers import Integral
 
-from idefender_gpu._validation import check_labels, check_scalar
-from idefender_gpu.mixture._base import _GaussianMixtureBase
+from idefender_gpu._param_validation import Interval, Predicate
+from idefender_gpu._validation import check_labels
+from idefender_gpu.mixture._base import _GaussianMixtureBase, _is_device
 
 __all__ = ["BatchedGaussianMixture", "GaussianMixture"]
 
@@ -145,9 +146,6 @@ class GaussianMixture(_GaussianMixtureBase):
 
     _batched = False
 
-    def _labels_for_fit(self, y, n_samples, device, dtype, D):
-        return torch.zeros(n_samples, dtype=torch.int64, device=device), 1
-
     def fit(self, X: Any, y: Any = None) -> "GaussianMixture":
         """Estimate the model parameters with the EM algorithm.
 
@@ -183,9 +181,7 @@ class GaussianMixture(_GaussianMixtureBase):
         -------
         self : GaussianMixture
         """
-        from idefender_gpu.mixture._stream import fit_stream
-
-        fit_stream(self, data)
+        self._fit_stream(data)
         return self
 
     def fit_predict(self, X: Any, y: Any = None) -> Any:
@@ -196,7 +192,7 @@ class GaussianMixture(_GaussianMixtureBase):
         -------
         labels : array of shape (n_samples,)
         """
-        groups, _, _ = self._fit(X, None)
+        groups = self._fit(X, None).groups  # this rank's samples when data-parallel
         state = self._state
         labels = self._weighted_log_prob(groups.X, state.params).argmax(-1)[0]
         return state.kind.out(labels)
@@ -218,15 +214,16 @@ class GaussianMixture(_GaussianMixtureBase):
         return kind.out(self._log_prob_norm(X_t, state)[0])
 
     def score(self, X: Any, y: Any = None) -> float:
-        """Mean log-likelihood of ``X``.
+        """Mean log-likelihood of ``X``: ``score_samples(X).mean()`` (NumPy's mean for
+        NumPy input, as scikit-learn computes it; torch's for a tensor).
 
         Returns
         -------
         log_likelihood : float
         """
         state = self._check_is_fitted()
-        X_t, _ = self._check_X(X, state)
-        return float(self._log_prob_norm(X_t, state)[0].mean())
+        X_t, kind = self._check_X(X, state)
+        return float(kind.out(self._log_prob_norm(X_t, state)[0]).mean())
 
     def predict(self, X: Any) -> Any:
         """Most probable component of each sample.
@@ -332,6 +329,12 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
 
     _batched = True
 
+    _parameter_constraints: dict[str, list] = {
+        **_GaussianMixtureBase._parameter_constraints,
+        "group_block_size": [Interval(Integral, 1, None, closed="left"), None],
+        "storage_device": [Predicate(_is_device, "a torch device or its name"), None],
+    }
+
     def __init__(
         self,
         n_components: int = 1,
@@ -366,30 +369,11 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
         self.group_block_size = group_block_size
         self.storage_device = storage_device
 
-    def _validate_hyperparameters(self) -> None:
-        super()._validate_hyperparameters()
-        if self.group_block_size is not None:
-            check_scalar(self.group_block_size, "group_block_size", Integral, 1)
-        if self.storage_device is not None:
-            try:
-                torch.device(self.storage_device)
-            except (RuntimeError, TypeError):
-                raise ValueError(
-                    f"storage_device must be a torch device or its name; got {self.storage_device!r}"
-                ) from None
-
     def _storage_device(self, device: torch.device) -> torch.device:
         return device if self.storage_device is None else torch.device(self.storage_device)
 
     def _group_block_size(self) -> int | None:
         return self.group_block_size
-
-    def _labels_for_fit(self, y, n_samples, device, dtype, D):
-        n_groups = self._init_groups()
-        labels = check_labels(y, n_samples, device, n_groups)
-        if n_groups is None:
-            n_groups = int(labels.max()) + 1
-        return labels, n_groups
 
     def _init_groups(self) -> int | None:
         """G from the leading axis of the init arrays (they must agree), or None."""
@@ -448,9 +432,7 @@ class BatchedGaussianMixture(_GaussianMixtureBase):
         -------
         self : BatchedGaussianMixture
         """
-        from idefender_gpu.mixture._stream import fit_stream
-
-        fit_stream(self, data)
+        self._fit_stream(data)
         return self
 
     def fit_predict(self, X: Any, y: Any) -> Any:

@@ -21,8 +21,17 @@ import torch
 from torch import Tensor
 
 from idefender_gpu import kernels
-from idefender_gpu._validation import ArrayKind, check_array, check_labels
-from idefender_gpu.mixture._base import _finish_m_step, _make_generator, _padded, _present_groups
+from idefender_gpu._validation import ArrayKind, _to_tensor_any, check_array, check_labels, resolve_device, resolve_dtype
+from idefender_gpu.mixture._core import (
+    Config,
+    Params,
+    Request,
+    finish_m_step,
+    make_generator,
+    padded,
+    peek,
+    present_groups,
+)
 from idefender_gpu.mixture._kmeans import _sq_dist, kmeans_plusplus
 
 
@@ -32,38 +41,39 @@ def reservoir_size(n_components: int) -> int:
 
 
 class StreamSource:
-    """Re-iterable batches of ``X`` or ``(X, y)`` as an EM data source.
+    """Re-iterable batches of ``X`` or ``(X, y)`` as an EM data source
+    (a :class:`~idefender_gpu.mixture._core.DataSource`).
+
+    The first pass (at construction) validates every batch (finite values, the number of
+    features, labels in range), resolves the dtype, device and G, counts each group's
+    samples and keeps the seeding sample. Later passes trust what the first pass checked
+    and make no host synchronisation of their own when the labels arrive on the CPU (as
+    from a ``DataLoader``): the layout of each batch's groups is computed there and only
+    the samples and their indices move to the device. Labels on the device cost one
+    synchronisation per batch (``torch.unique``).
 
     Parameters
     ----------
     data : iterable or callable
         Re-iterable batches (a DataLoader, a list), or a callable returning a fresh
         iterable. Each batch is ``X``, ``(X,)`` or ``(X, y)``.
-    batched : bool
-        Whether ``y`` holds group labels (``BatchedGaussianMixture``); otherwise it is
-        ignored and every sample belongs to group 0.
-    n_components : int
-    n_groups : int or None
-        G when fixed by the init arrays, else ``max(y) + 1`` over the stream.
-    dtype, device
-        Compute dtype and device (``None``: from the first batch).
-    estimator_name : str
-    random_state_generator : callable
-        ``device -> torch.Generator`` from the estimator's ``random_state``; the reservoir's
-        random keys come from a generator derived from it.
-    memory_budget : int or None
+    request : Request
+        The estimator's settings (``batched``: whether ``y`` holds group labels; otherwise
+        it is ignored and every sample belongs to group 0).
+    parent_generator : callable
+        ``device -> torch.Generator``; the reservoir's random keys come from a generator
+        derived from it.
     row_keys : callable, optional
         ``Xp (u, n, D) -> (u, n)`` int64 keys of the rows; the reservoir keeps the rows with
         the smallest keys. Default: random keys from the generator (the data-parallel fit
         passes a hash of each row's values, the same whichever rank holds the row).
     """
 
-    make_generator = staticmethod(_make_generator)
+    make_generator = staticmethod(make_generator)
     check_info = staticmethod(kernels.check_cholesky_info)
 
-    def __init__(self, data, *, batched: bool, n_components: int, n_groups: int | None,
-                 dtype, device, estimator_name: str, random_state_generator: Callable,
-                 memory_budget: int | None, row_keys: Callable | None = None) -> None:
+    def __init__(self, data, request: Request, parent_generator: Callable,
+                 row_keys: Callable | None = None) -> None:
         if isinstance(data, Iterator):
             raise TypeError(
                 "data must be re-iterable (a DataLoader, a list of batches, or a callable "
@@ -73,27 +83,30 @@ class StreamSource:
         if not (callable(data) or isinstance(data, Iterable)):
             raise TypeError(f"data must be an iterable of batches; got {type(data).__name__}")
         self._data = data
-        self._batched = batched
-        self._n_groups = n_groups
-        self._name = estimator_name
-        self._budget = memory_budget
+        self._batched = request.batched
+        self._n_groups = request.n_groups
+        self._name = request.estimator_name
+        self._budget = request.memory_budget
         self._row_keys = row_keys
-        self.n_components = n_components
-        self.dtype, self.device = dtype, device
+        self.n_components = request.n_components
+        self.dtype, self.device = request.dtype, request.device
         self.kind: ArrayKind | None = None
         self.n_features: int | None = None
-        self._first_pass(random_state_generator)
+        self._first_pass(parent_generator)
 
     # -- reading -------------------------------------------------------------------------
 
-    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Validated ``(X (B, D), y (B,))`` batches on the compute device and dtype."""
+    def _iterate(self) -> Iterator[tuple[Any, Any]]:
         data = self._data() if callable(self._data) else self._data
         for batch in data:
             if isinstance(batch, (tuple, list)):
-                X, y = batch[0], (batch[1] if len(batch) > 1 else None)
+                yield batch[0], (batch[1] if len(batch) > 1 else None)
             else:
-                X, y = batch, None
+                yield batch, None
+
+    def _validated_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The first pass: validated ``(X (B, D), y (B,))`` on the compute device and dtype."""
+        for X, y in self._iterate():
             X_t, kind = check_array(X, dtype=self.dtype, device=self.device,
                                     estimator_name=self._name, n_features=self.n_features)
             if self.kind is None:
@@ -105,29 +118,49 @@ class StreamSource:
             if X_t.shape[0]:
                 yield X_t, y_t
 
-    def _first_pass(self, random_state_generator: Callable) -> None:
-        """Resolve dtype/device/D from the first batch; count groups; reservoir sample."""
-        from idefender_gpu._validation import resolve_device, resolve_dtype
-        from idefender_gpu.mixture._base import _peek
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+        """A later pass: ``(Xp (u, n, D), weight (u, n) or None, present (u,))`` per batch,
+        the padded layout of the groups the batch holds (already validated: no checks)."""
+        whole = torch.zeros(1, dtype=torch.int64, device=self.device)  # group 0
+        for X, y in self._iterate():
+            X_t, _ = _to_tensor_any(X, "X")
+            if X_t.ndim != 2 or X_t.shape[1] != self.n_features:
+                raise ValueError(
+                    f"X must have shape (batch, {self.n_features}) on every pass, as on the "
+                    f"first; got shape {tuple(X_t.shape)}"
+                )
+            if not X_t.shape[0]:
+                continue
+            X_t = X_t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            if not self._batched:  # one group: the batch is its layout
+                yield X_t.unsqueeze(0), None, whole
+                continue
+            y_t, _ = _to_tensor_any(y, "y")
+            # The layout from the labels where they are (no device sync on the CPU).
+            present, local, rows, n_max = present_groups(y_t.to(torch.int64))
+            Xp, weight = padded(X_t, local.to(self.device), rows.to(self.device), present.shape[0], n_max)
+            yield Xp, weight, present.to(self.device)
 
+    def _first_pass(self, parent_generator: Callable) -> None:
+        """Resolve dtype/device/D from the first batch; count groups; reservoir sample."""
         data = self._data() if callable(self._data) else self._data
         first = next(iter(data), None)
         if first is None:
             raise ValueError("data must yield at least one batch; got an empty stream")
         X0 = first[0] if isinstance(first, (tuple, list)) else first
-        raw, kind = _peek(X0)
+        raw, kind = peek(X0)
         self.dtype = resolve_dtype(self.dtype, raw)
         self.device = resolve_device(self.device, raw, kind.numpy)
         # The reservoir's keys come from a generator derived from random_state, so they do
         # not repeat the draws of the initialisation that follows.
-        parent = random_state_generator(self.device)
-        seed = int(torch.randint(0, 2**62, (1,), generator=parent, device=self.device))
+        parent = parent_generator(self.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=parent, device=parent.device))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         R = reservoir_size(self.n_components)
         no_key = torch.inf if self._row_keys is None else torch.iinfo(torch.int64).max
         counts = keys = sample = None
-        for X, y in self.batches():
+        for X, y in self._validated_batches():
             if self.n_features is None:
                 self.n_features = X.shape[1]
             G = int(y.max()) + 1 if self._n_groups is None else self._n_groups
@@ -143,8 +176,8 @@ class StreamSource:
                 sample = new_sample if sample is None else torch.cat([sample, new_sample])
             counts += torch.bincount(y, minlength=counts.shape[0])
             # bottom-R random keys per group: a uniform sample without replacement
-            present, local, rows, n_max = _present_groups(y)
-            Xp, weight = _padded(X, local, rows, present.shape[0], n_max)
+            present, local, rows, n_max = present_groups(y)
+            Xp, weight = padded(X, local, rows, present.shape[0], n_max)
             if self._row_keys is None:
                 batch_keys = torch.rand(weight.shape, generator=self.generator, device=X.device,
                                         dtype=X.dtype)
@@ -181,21 +214,22 @@ class StreamSource:
         second = centres.new_zeros((G, D, D) if covariance_type == "tied" else
                                    (G, K, D, D) if covariance_type == "full" else (G, K, D))
         log_lik = centres.new_zeros(G)
-        for X, y in self.batches():
-            present, local, rows, n_max = _present_groups(y)
-            Xp, weight = _padded(X, local, rows, present.shape[0], n_max)
+        for Xp, weight, present in self._batches():
             resp, log_prob_norm = resp_of_batch(Xp, weight, present)  # (u, n, K), (u, n) | None
-            resp = resp * weight.unsqueeze(-1)
+            if weight is not None:
+                resp = resp * weight.unsqueeze(-1)
             c, f, s = kernels.shifted_statistics(Xp, resp, centres[present], covariance_type,
                                                  memory_budget=self._budget)
             counts.index_add_(0, present, c)
             first.index_add_(0, present, f)
             second.index_add_(0, present, s)
             if log_prob_norm is not None:
-                log_lik.index_add_(0, present, torch.where(weight > 0, log_prob_norm, 0).sum(-1))
+                if weight is not None:
+                    log_prob_norm = torch.where(weight > 0, log_prob_norm, 0)
+                log_lik.index_add_(0, present, log_prob_norm.sum(-1))
         return counts, first, second, log_lik
 
-    def em_step(self, params, cfg):
+    def em_step(self, params: Params, cfg: Config):
         """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``."""
         log_weights = params.weights.log()
 
@@ -209,9 +243,9 @@ class StreamSource:
         counts, first, second, log_lik = self._accumulate(params.means, cfg.covariance_type, e_step)
         stats = kernels.statistics_to_parameters(counts, first, second, params.means,
                                                  cfg.reg_covar, cfg.covariance_type)
-        return (log_lik / self.counts, *_finish_m_step(*stats, cfg))
+        return (log_lik / self.counts, *finish_m_step(*stats, cfg))
 
-    def initial_statistics(self, method: str, gen: torch.Generator, cfg) -> tuple[Tensor, Tensor, Tensor]:
+    def initial_statistics(self, method: str, gen: torch.Generator, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
         """``(nk, means, covariances)`` of ``init_params`` computed from the stream."""
         K = cfg.n_components
 
@@ -284,23 +318,6 @@ def initial_statistics_from_sample(method: str, gen: torch.Generator, cfg, sampl
                                             cfg.covariance_type)
 
 
-def fit_stream(estimator, data: Any) -> None:
-    """Fit ``estimator`` (a mixture) from re-iterable batches; see :class:`StreamSource`.
-    Inside :func:`idefender_gpu.distributed.data_parallel` the batches are this rank's
-    shard and the fit is data-parallel."""
-    from idefender_gpu.distributed import current
-
-    estimator._validate_hyperparameters()
-    if current() is not None:
-        from idefender_gpu.mixture._distributed import fit_stream_shard
-
-        fit_stream_shard(estimator, data, current())
-        return
-    n_groups = estimator._init_groups() if estimator._batched else 1
-    source = StreamSource(
-        data, batched=estimator._batched, n_components=estimator.n_components, n_groups=n_groups,
-        dtype=estimator.dtype, device=estimator.device, estimator_name=type(estimator).__name__,
-        random_state_generator=lambda device: _make_generator(estimator.random_state, device),
-        memory_budget=estimator.memory_budget,
-    )
-    estimator._fit_source(source, source.n_features, source.kind)
+def open_stream(request: Request, data: Any) -> StreamSource:
+    """The streaming source of a single-process ``fit_stream``."""
+    return StreamSource(data, request, lambda device: make_generator(request.random_state, device))
