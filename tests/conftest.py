@@ -160,3 +160,25 @@ class EmulateTF32(torch.overrides.TorchFunctionMode):
         elif func in self._ACCUMULATING:
             args = (args[0], round_to_tf32(args[1]), round_to_tf32(args[2]), *args[3:])
         return func(*args, **kwargs)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (restored afterwards): on busy shared cores, OpenMP threads that spin
+    waiting for each other make tiny models tens of times slower. Use it module-wide with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PicklePayload:
+    """Unpickling this creates ``path``: a stand-in for the arbitrary code a crafted pickle runs,
+    for tests that a loader never unpickles (the file must not exist afterwards)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -27,7 +27,7 @@ from scipy.stats import multivariate_normal
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import tol
+from conftest import PicklePayload, tol
 from idefender_gpu import IDefender, MahalanobisDetector, NotFittedError
 from idefender_gpu.detector._states import class_thresholds
 from idefender_gpu.metrics import roc_auc_score
@@ -467,26 +467,16 @@ def test_not_a_detector_refused(tmp_path, saved, fitted):
         IDefender.load(3, model)
 
 
-class _Payload:
-    """Unpickling this creates ``path`` (a stand-in for arbitrary code execution)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_pickle_file_refused_without_running_it(tmp_path, fitted):
     model = fitted["idefender"].model
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps(_Payload(probe))).close()  # the payload is live when unpickled...
+    pickle.loads(pickle.dumps(PicklePayload(probe))).close()  # the payload is live when unpickled...
     assert probe.exists()
     marker = tmp_path / "marker"
     raw = tmp_path / "raw.pkl"
-    raw.write_bytes(pickle.dumps(_Payload(marker)))
+    raw.write_bytes(pickle.dumps(PicklePayload(marker)))
     zipped = tmp_path / "detector.pt"
-    torch.save(_Payload(marker), zipped)  # torch's zip container holding the same pickle
+    torch.save(PicklePayload(marker), zipped)  # torch's zip container holding the same pickle
     for path in (raw, zipped):
         with pytest.raises(ValueError, match="never loaded"):
             IDefender.load(path, model)

@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from conftest import PicklePayload
 from idefender_gpu import _files
 
 MARKER = "idefender-gpu/test"
@@ -185,21 +186,11 @@ def test_bad_config_with_a_valid_digest_refused(tmp_path, config_json, match):
         _read(path)
 
 
-class _Payload:
-    """Unpickling this creates ``path`` (a stand-in for arbitrary code execution)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_pickles_refused_without_running_them(tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     raw, zipped = tmp_path / "raw.pkl", tmp_path / "zipped.pt"
-    raw.write_bytes(pickle.dumps(_Payload(marker)))
-    torch.save(_Payload(marker), zipped)
+    raw.write_bytes(pickle.dumps(PicklePayload(marker)))
+    torch.save(PicklePayload(marker), zipped)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a verified file is never unpickled")

@@ -33,14 +33,7 @@ from idefender_gpu.models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (restored afterwards): on busy shared cores, OpenMP threads that spin
-    waiting for each other make these tiny models tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on busy shared cores
 
 
 def tiny_dataset(n_train: int = 64, n_test: int = 16, seed: int = 0) -> Dataset:

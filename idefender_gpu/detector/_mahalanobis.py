@@ -55,9 +55,8 @@ class MahalanobisDetector(_DetectorBase):
     Raises
     ------
     InvalidParameterError
-        (a ``ValueError`` and a ``TypeError``) For a hyper-parameter outside what the
-        class's ``_parameter_constraints`` table declares (NaN and infinity never pass a
-        real one); ``ValueError`` for a layer name the model does not have.
+        As :class:`IDefender`: a hyper-parameter outside this class's
+        ``_parameter_constraints`` (NaN and infinity included), or an unknown layer.
 
     Attributes
     ----------
