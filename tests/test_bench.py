@@ -165,6 +165,7 @@ def test_environment_updates_and_restart_arguments():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_importing_the_harness_writes_no_environment():
     code = (
         "import os, sys\n"
@@ -297,6 +298,7 @@ def test_skipped_references_are_recorded_with_their_reason(monkeypatch):
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 
 
+@pytest.mark.slow
 def test_gpu_check_script_parses_and_its_dry_run_lists_every_step(tmp_path):
     assert subprocess.run(["bash", "-n", str(GPU_CHECK)], timeout=30).returncode == 0
     done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--out", str(tmp_path / "gc")],
@@ -312,6 +314,7 @@ def test_gpu_check_script_parses_and_its_dry_run_lists_every_step(tmp_path):
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_gpu_check_script_stops_with_a_clear_message_without_cuda(tmp_path):
     import torch
 

@@ -141,8 +141,40 @@ def run_workload(
     first; an over-long timing becomes a single ``(T(3) - T(1)) / 2`` sample or is skipped with
     the estimate, and an over-long fit runs with ``max_iter`` lowered to what fits in the
     limit (``max_iter_capped_by_time_limit``, at least one iteration), or is skipped.
+    Before any of that, a reference whose per-group copies would not fit in the memory
+    available (:func:`~idefender_gpu.bench.references.reference_skip`: scikit-learn on
+    workloads c1/c2) is recorded as skipped with its estimate; one that is not installed
+    (torchgmm) as skipped with the command that installs it. The dense float32 matmul rate
+    of each device type is ``matmul_gflops`` (``matmul_probe``: the probe's shape and
+    whether TF32 was on).
 
-    Returns a JSON-able record (``benchmark: 'em_workload'``).
+    Parameters
+    ----------
+    workload : Workload or str
+        A :class:`~idefender_gpu.bench.workloads.Workload` or a name of
+        :data:`~idefender_gpu.bench.workloads.WORKLOADS`.
+    references : tuple of str, default REFERENCES
+        References to run after our backends (``()`` for none).
+    device : str or torch.device, optional
+        Device of our fits and of the array-API reference; default CUDA if available.
+    iters, repeats : int
+        Timed iterations and repeats of ``sec_per_iter``.
+    tol, max_iter : float, int
+        Of the fit to convergence.
+    limit_minutes : float
+        Time limit of one implementation's phase.
+    group_block, memory_budget : int, optional
+        Groups per batched fit and ``memory_budget`` of ours.
+    seed : int
+        Seed of the synthetic data and initialisation.
+    allow_gpu_only_on_cpu : bool
+        Run ``gpu_only`` workloads on a CPU device too (tests of the machinery).
+
+    Returns
+    -------
+    dict
+        A JSON-able record (``benchmark: 'em_workload'``) that
+        :func:`~idefender_gpu.bench.report.format_records` renders.
     """
     spec = WORKLOADS[workload] if isinstance(workload, str) else workload
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
