@@ -223,8 +223,11 @@ class DefendedModel(nn.Module):
     def n_classes(self) -> int:
         """K, the classifier's class count (the "rejected" index)."""
         thresholds = getattr(self.detector, "thresholds_", None)
-        if thresholds is None:
-            raise AttributeError("n_classes needs a fitted detector (thresholds_)")
+        if thresholds is None:  # not an AttributeError: nn.Module would replace the message
+            raise ValueError(
+                f"n_classes needs a fitted detector (thresholds_); fit this "
+                f"{type(self.detector).__name__} detector first."
+            )
         return len(thresholds)
 
     @property

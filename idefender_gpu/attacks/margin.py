@@ -28,7 +28,8 @@ def apgd_checkpoints(steps: int) -> list[int]:
     p = [0.0, FIRST_CHECKPOINT]
     while p[-1] < 1.0:
         p.append(p[-1] + max(p[-1] - p[-2] - GAP_DECREASE, MIN_GAP))
-    return sorted({math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) <= steps} - {0})
+    points = {math.ceil(round(q * steps, 9)) for q in p[1:]}  # round: 0.22 + 0.19 is not 0.41
+    return sorted(w for w in points if 0 < w <= steps)
 
 
 class MarginPGD(Attack):
