@@ -139,6 +139,22 @@ def test_bad_option_values_are_rejected(capsys):
         assert argv[0] in capsys.readouterr().err
 
 
+def test_unusable_device_is_refused_before_any_work(capsys):
+    import torch
+
+    from idefender_gpu.bench import cli
+
+    assert cli._device_problem(None) is None and cli._device_problem("cpu") is None
+    assert "not a torch device" in cli._device_problem("gpu0")
+    if torch.cuda.is_available():
+        assert "CUDA device(s)" in cli._device_problem("cuda:99")
+    else:
+        assert "CUDA is not available" in cli._device_problem("cuda")
+    args = _bench_parser().parse_args(["bench", "--device", "nope", "--no-array-api"])
+    assert args.func(args) == 2
+    assert "argument --device: not a torch device: 'nope'" in capsys.readouterr().err
+
+
 def test_environment_updates_and_restart_arguments():
     from idefender_gpu.bench import cli
 

@@ -208,7 +208,31 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                        *_argv(args, parser)], env)
     if args.table:
         return _table(args.out or COMMITTED_RESULTS)
+    problem = _device_problem(args.device)
+    if problem:
+        print(f"idefender-gpu bench: error: argument --device: {problem}", file=sys.stderr)
+        return 2
     return _workloads(args)
+
+
+def _device_problem(text: str | None) -> str | None:
+    """Why ``--device`` cannot be used on this machine, or ``None``."""
+    import torch
+
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        return f"not a torch device: {text!r} ({exc})"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{text!r}: CUDA is not available on this machine"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type not in ("cpu", "mps", "xpu"):
+        return f"{text!r}: the benchmark runs on cpu or cuda devices"
+    return None
 
 
 def _table(folder: Path) -> int:
