@@ -637,3 +637,15 @@ def test_init_params_options_are_the_mixture_options():
         BatchedGaussianMixture(2, init_params=option, random_state=0, tol=10.0).fit(h, groups)
     with pytest.raises(ValueError, match="init_params"):
         BatchedGaussianMixture(2, init_params="magic").fit(h, groups)
+
+
+def test_data_parallel_is_handled_in_one_module():
+    """Issue 11: every data-parallel branch of the detector lives in ``detector/_states.py``
+    (collecting, thresholds over all ranks, rank-0 writes); fit, calibrate and save do not branch."""
+    from pathlib import Path
+
+    import idefender_gpu.detector as package
+
+    folder = Path(package.__file__).parent
+    users = sorted(p.name for p in folder.glob("*.py") if "idefender_gpu.distributed" in p.read_text())
+    assert users == ["_states.py"]

@@ -425,6 +425,10 @@ class _DetectorBase:
 
         Raises
         ------
+        TypeError
+            If ``path`` is not a str or ``os.PathLike``.
+        FileNotFoundError
+            If ``path`` does not exist.
         ValueError
             If the file is truncated, tampered with, not a detector, a detector of another
             class, or fitted on a model whose layers differ from ``model``'s.
