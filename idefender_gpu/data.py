@@ -186,9 +186,8 @@ def _canonical(name: Any) -> str:
 
 #: How the not-found message names the ways to point at the data, per ``wording``.
 _WORDS = {
-    "python": {"root": "root=DIR", "env": "IDEFENDER_DATA", "download": "download=True"},
-    "command": {"root": "--data DIR", "env": "IDEFENDER_DATA",
-                "download": "the command's download (on unless --no-download)"},
+    "python": {"root": "root=DIR", "env": "IDEFENDER_DATA", "download": "pass download=True"},
+    "command": {"root": "--data DIR", "env": "IDEFENDER_DATA", "download": "run without --no-download"},
 }
 
 
@@ -269,10 +268,9 @@ def _how_to_get(spec: _Spec, words: dict[str, str]) -> str:
                     f"{spec.debian_dir})")
     ways.append(f"put the four IDX files ({_FILE_NAMES}) in a folder DIR and pass {words['root']} or set "
                 f"{words['env']}=DIR")
-    ways.append(f"with internet access and torchvision installed, and no folder named: "
-                f"{words['download']} downloads them with torchvision.datasets.{spec.torchvision_class} "
-                f"into {cache_dir() / 'data'}")
-    return "; ".join(f"({i}) {way}" for i, way in enumerate(ways, 1))
+    ways.append(f"with internet access and torchvision installed, and no folder named: {words['download']}, "
+                f"and torchvision.datasets.{spec.torchvision_class} downloads them into {cache_dir() / 'data'}")
+    return "\n".join(f"  ({i}) {way}" for i, way in enumerate(ways, 1))
 
 
 def _not_found_message(spec: _Spec, root: Any, words: dict[str, str]) -> str:
@@ -289,7 +287,7 @@ def _not_found_message(spec: _Spec, root: Any, words: dict[str, str]) -> str:
             "is not a folder" if not folder.is_dir() else f"holds no {spec.name} IDX files")
         first = f"{spec.name}: {given}, {folder}, {state}."
     looked = "\n".join(f"  - {d}" for d in search_dirs(spec.name, root))
-    return f"{first}\nLooked in:\n{looked}\nTo get them: {_how_to_get(spec, words)}."
+    return f"{first}\nLooked in:\n{looked}\nTo get them:\n{_how_to_get(spec, words)}"
 
 
 def find_dataset(name: str, root: Any = None, *, wording: str = "python") -> dict[str, Path]:

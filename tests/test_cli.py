@@ -1,4 +1,8 @@
-"""The ``idefender-gpu`` command and the benchmark harness, end to end on a tiny workload."""
+"""The ``idefender-gpu`` command end to end (the console entry point, in a subprocess).
+
+The bench subcommand's own tests (workloads, fit to tol, convergence, skips) are in
+``tests/test_bench.py``; the error paths of every subcommand in ``tests/test_cli_errors.py``.
+"""
 
 from __future__ import annotations
 
@@ -43,52 +47,3 @@ def test_unknown_subcommand_fails_cleanly():
                           text=True, timeout=60)
     assert done.returncode == 2
     assert "invalid choice" in done.stderr
-
-
-def _bench(args, tmp_path, timeout=120):
-    env = dict(os.environ, SCIPY_ARRAY_API="1")
-    cmd = [sys.executable, "-m", "idefender_gpu.cli", "bench", *args, "--out", str(tmp_path)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_bench_workload_machinery_on_a_tiny_shape(tmp_path):
-    """``--workload`` end to end on a tiny workload a: timing, fit to tol in a subprocess
-    (peak RSS), FLOP count, blocks of groups, a reference, JSON and ``--table``."""
-    done = _bench(["--workload", "a", "--n", "600", "--d", "4", "--groups", "3", "--k", "2",
-                   "--iters", "2", "--repeats", "1", "--device", "cpu", "--group-block", "2",
-                   "--references", "sklearn_numpy"], tmp_path)
-    assert done.returncode == 0, done.stderr
-    record = json.loads((tmp_path / "workload_a_cpu.json").read_text())
-    assert record["benchmark"] == "em_workload"
-    w = record["workload"]
-    shape = (w["name"], w["n_samples"], w["n_features"], w["n_groups"], w["n_components"])
-    assert shape == ("a", 600, 4, 3, 2)
-    assert record["flops_per_iteration"] == 4 * 600 * 2 * 4**2
-    results = record["results"]
-    assert set(results) == {"idefender_gpu[torch]", "sklearn_numpy"}
-    for entry in results.values():
-        assert entry["sec_per_iter"] >= 0, entry
-        fit = entry["fit"]
-        assert fit["seconds"] > 0 and fit["tol"] == 1e-3 and fit["max_iter"] == 100
-        assert len(fit["n_iter"]) == 3 and fit["converged"] in (True, False)
-        assert fit["peak_memory_bytes"] > 0 and "RSS" in fit["peak_memory_kind"]
-    assert results["idefender_gpu[torch]"]["group_block"] == 2
-    ours, ref = results["idefender_gpu[torch]"]["fit"], results["sklearn_numpy"]["fit"]
-    # Same data, same initialisation, same tol: the same iterations and log-likelihoods.
-    assert ours["n_iter"] == ref["n_iter"]
-    np.testing.assert_allclose(ours["final_mean_log_likelihood_per_group"],
-                               ref["final_mean_log_likelihood_per_group"], rtol=1e-4)
-    table = _bench(["--table"], tmp_path, timeout=60)
-    assert table.returncode == 0, table.stderr
-    assert "| a: 600x4, G=3, K=2, full |" in table.stdout
-    assert "| idefender_gpu[torch] |" in table.stdout
-
-
-def test_bench_workload_c_is_skipped_on_cpu(tmp_path):
-    done = _bench(["--workload", "c1", "--device", "cpu"], tmp_path, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "skipped: GPU-only workload" in done.stdout
-    record = json.loads((tmp_path / "workload_c1_cpu.json").read_text())
-    assert record["workload"]["n_samples"] == 1_281_167 and record["workload"]["n_features"] == 4096
-    assert record["workload"]["n_groups"] == 1000 and record["workload"]["n_components"] == 1
-    assert "GPU-only" in record["skipped"] and "results" not in record

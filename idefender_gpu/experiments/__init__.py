@@ -8,12 +8,34 @@ report
     ``results.json``, ``report.md`` (the paper's numbers beside ours) and ROC PNGs
     (:func:`write_outputs`).
 cli
-    ``register(subparsers)`` adds the ``reproduce`` subcommand to the ``idefender-gpu`` parser.
+    ``register(subparsers)`` adds the ``reproduce`` subcommand to the ``idefender-gpu`` parser;
+    one entry of its ``EXPERIMENTS`` table per experiment.
+_common
+    What every experiment shares: device check, progress bars, phase timer and log lines,
+    detection metrics, the paths results files may record.
 
-Only the public API of :mod:`idefender_gpu` is used here.
+Only the public API of :mod:`idefender_gpu` is used here. The names below are imported on
+first use, so the command's parser (``import idefender_gpu.experiments.cli``) loads neither
+torch nor the detector.
 """
 
-from idefender_gpu.experiments.blackbox import ATTACKS, BlackboxConfig, run_blackbox
-from idefender_gpu.experiments.report import write_outputs
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["ATTACKS", "BlackboxConfig", "run_blackbox", "write_outputs"]
+
+_HOMES = {"ATTACKS": "blackbox", "BlackboxConfig": "blackbox", "run_blackbox": "blackbox",
+          "write_outputs": "report"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public names lazily (PEP 562)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,7 @@
 """The paper's black-box experiment on MNIST / Fashion-MNIST (Section 4.1, Tables 2-5, Figures 2-5).
 
-Pipeline (every long step has a progress bar):
+Pipeline (every long step has a progress bar on a terminal, and a log line when it starts and
+ends):
 
 1. Load the dataset from local IDX files (:func:`idefender_gpu.data.load_dataset`).
 2. Train (or load from the checkpoint cache) model F (the defended classifier, seed
@@ -29,30 +30,39 @@ aside for the figures); :func:`idefender_gpu.experiments.report.write_outputs` w
 
 from __future__ import annotations
 
-import logging
-import platform
+import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from numbers import Integral, Real
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
-import idefender_gpu
 from idefender_gpu import IDefender, MahalanobisDetector
+from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate, validate_params
 from idefender_gpu.attacks import BIM, FGSM, DeepFool, IterativeL2
-from idefender_gpu.data import load_dataset
+from idefender_gpu.data import DATASETS, load_dataset
+from idefender_gpu.experiments._common import (
+    PhaseTimer,
+    batches,
+    check_device,
+    detection,
+    display_path,
+    logger,
+    machine_info,
+    progress_bar,
+    rate,
+    roc,
+)
 from idefender_gpu.experiments.paper import fgsm_paper_auc
-from idefender_gpu.metrics import roc_auc_score, roc_curve, tpr_at_fpr
-from idefender_gpu.models import evaluate, load_or_train, load_or_train_substitute
+from idefender_gpu.features import parse_layers
+from idefender_gpu.models import build_model, evaluate, load_or_train, load_or_train_substitute
 
 __all__ = ["ABLATION", "ATTACKS", "AttackSetting", "BlackboxConfig", "DetectorVariant", "THREAT_MODELS",
            "run_blackbox"]
-
-logger = logging.getLogger("idefender_gpu.experiments")
 
 #: threat model -> the model whose gradients craft the attack
 THREAT_MODELS = {"black-box": "E", "semi-white-box": "F"}
@@ -220,12 +230,73 @@ class BlackboxConfig:
     attacks: tuple[AttackSetting, ...] = ATTACKS
     ablation: tuple[DetectorVariant, ...] = ()
 
+    _parameter_constraints = {
+        "dataset": [Options(str, set(DATASETS))],
+        "data": [None, InstanceOf(str, os.PathLike)],
+        "seed": [Interval(Integral, 0, None)],
+        "epochs": [Interval(Integral, 1, None)],
+        **{name: [None, Interval(Integral, 1, None)] for name in ("n_train", "n_test", "n_other", "n_calibrate")},
+        "device": [InstanceOf(str, torch.device)],
+        "progress": [None, "boolean"],
+        "download": ["boolean"],
+        "cache": [None, InstanceOf(str, os.PathLike)],
+        "substitute": [Options(str, {"jacobian", "trained"})],
+        "holdout": [Interval(Integral, 0, None)],
+        "layers": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                             and all(isinstance(x, str) for x in v), "a non-empty tuple of str")],
+        "n_components": [Interval(Integral, 1, None)],
+        "covariance_type": [Options(str, {"full", "tied", "diag", "spherical"})],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "memory_budget": [None, Interval(Integral, 1, None)],
+        "threat_models": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                                    and all(t in THREAT_MODELS for t in v),
+                                    f"a non-empty tuple of {sorted(THREAT_MODELS)}")],
+        "attacks": [Predicate(lambda v: all(isinstance(a, AttackSetting) for a in v),
+                              "a tuple of AttackSetting")],
+        "ablation": [Predicate(lambda v: all(isinstance(a, DetectorVariant) for a in v),
+                               "a tuple of DetectorVariant")],
+    }
+
+    def validate(self) -> torch.device:
+        """Check every setting that can be checked before any work; return the device.
+
+        The layer names are resolved against an untrained model F, the device against
+        this machine, ``holdout`` against ``n_test``. The sizes of the dataset itself are
+        checked by :func:`run_blackbox` right after loading it (before any training).
+
+        Raises
+        ------
+        InvalidParameterError
+            For a setting of the wrong type or out of range (scikit-learn's message).
+        ValueError
+            For an unknown layer of model F, a device this machine lacks, or
+            ``holdout >= n_test`` with the Jacobian substitute.
+        """
+        validate_params(type(self).__name__, vars(self), self._parameter_constraints)
+        device = check_device(self.device)
+        model = build_model("F", len(DATASETS[self.dataset].classes))
+        for layers in (self.layers, *(variant.layers for variant in self.ablation)):
+            parse_layers(model, list(layers))
+        if self.substitute == "jacobian":
+            if self.holdout < 1:
+                raise ValueError(f"holdout (--holdout) must be at least 1 with the Jacobian substitute; got "
+                                 f"{self.holdout}")
+            if self.n_test is not None and self.holdout >= self.n_test:
+                raise ValueError(f"holdout (--holdout) must be smaller than n_test (--n-test), the test images "
+                                 f"in use: the rest is the evaluation set; got holdout {self.holdout} and "
+                                 f"n_test {self.n_test}")
+        return device
+
     def to_json(self) -> dict[str, Any]:
+        """The settings as JSON (paths as :func:`display_path` writes them)."""
         out = asdict(self)
         out["attacks"] = [asdict(a) for a in self.attacks]
         out["ablation"] = [asdict(v) for v in self.ablation]
         out["layers"] = list(self.layers)
         out["threat_models"] = list(self.threat_models)
+        out["data"], out["cache"] = display_path(self.data), display_path(self.cache)
+        out["device"] = str(self.device)
         return out
 
 
@@ -234,43 +305,11 @@ class BlackboxConfig:
 # --------------------------------------------------------------------------------------
 
 
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def _bar(iterable, desc: str, progress: bool | None, total: int | None = None):
-    return tqdm(iterable, desc=desc, total=total, disable=None if progress is None else not progress,
-                leave=False, unit="batch")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _Timer:
-    """Wall-clock seconds per named stage, accumulated (CUDA synchronised at both ends)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        _synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            _synchronize(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 def _craft(attack: Callable, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
            desc: str, progress: bool | None) -> Tensor:
     """Adversarial versions of ``x`` batch by batch, on ``device`` (returned on ``device``)."""
     parts = []
-    for sl in _bar(_batches(x.shape[0], batch_size), desc, progress):
+    for sl in progress_bar(batches(x.shape[0], batch_size), desc, progress):
         parts.append(attack(x[sl].to(device), y[sl].to(device)))
     return torch.cat(parts)
 
@@ -280,7 +319,7 @@ def _score(x: Tensor, model: nn.Module, idefender: IDefender, baseline: Mahalano
     """F's predictions and both detectors' scores (log-likelihoods), each ``(N,)`` on CPU."""
     preds, ours, theirs = [], [], []
     with torch.no_grad():
-        for sl in _bar(_batches(x.shape[0], batch_size), desc, progress):
+        for sl in progress_bar(batches(x.shape[0], batch_size), desc, progress):
             xb = x[sl].to(device)
             preds.append(model(xb).argmax(1).cpu())
             ours.append(idefender.score(xb).cpu())
@@ -294,38 +333,7 @@ def _detector_scores(detector: IDefender, x: Tensor, batch_size: int, device: to
     """``detector.score`` of ``x`` batch by batch: ``(N,)`` float64 on CPU."""
     with torch.no_grad():
         return torch.cat([detector.score(x[sl].to(device)).cpu()
-                          for sl in _bar(_batches(x.shape[0], batch_size), desc, progress)]).double()
-
-
-def _detection(natural: Tensor, adversarial: Tensor) -> tuple[float | None, float | None]:
-    """``(AUC, TPR at 5% FPR)`` of ``-score`` with adversarial inputs as positives."""
-    if adversarial.numel() == 0:
-        return None, None
-    scores = torch.cat([-natural, -adversarial])
-    labels = torch.cat([torch.zeros(natural.numel()), torch.ones(adversarial.numel())])
-    return float(roc_auc_score(scores, labels)), float(tpr_at_fpr(scores, labels, 0.05))
-
-
-def _roc(natural: Tensor, adversarial: Tensor) -> tuple[list[float], list[float]] | None:
-    if adversarial.numel() == 0:
-        return None
-    scores = torch.cat([-natural, -adversarial])
-    labels = torch.cat([torch.zeros(natural.numel()), torch.ones(adversarial.numel())])
-    fpr, tpr, _ = roc_curve(scores, labels)
-    return fpr.tolist(), tpr.tolist()
-
-
-def _rate(mask: Tensor) -> float | None:
-    return float(mask.double().mean()) if mask.numel() else None
-
-
-def _machine(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "idefender_gpu": idefender_gpu.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+                          for sl in progress_bar(batches(x.shape[0], batch_size), desc, progress)]).double()
 
 
 # --------------------------------------------------------------------------------------
@@ -347,48 +355,63 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         the figures; :func:`~idefender_gpu.experiments.report.write_outputs` drops it from
         the JSON). ``results["records"]`` holds one record per (threat model, attack).
 
+    Every setting is checked before any work (:meth:`BlackboxConfig.validate`), the
+    sample counts right after the data is loaded (before any training). Each phase logs
+    a line when it starts and one with its seconds when it ends (INFO, logger
+    ``idefender_gpu.experiments``).
+
     Raises
     ------
     idefender_gpu.data.DatasetNotFoundError
-        When the dataset's IDX files are not found (and ``download`` is off).
+        When the dataset's IDX files are not found (and not downloaded).
+    InvalidParameterError, ValueError
+        For a bad setting (see :meth:`BlackboxConfig.validate`), or ``n_train`` /
+        ``n_test`` larger than the dataset, or ``holdout`` not smaller than the test
+        images in use.
     """
-    unknown = [t for t in config.threat_models if t not in THREAT_MODELS]
-    if unknown:
-        raise ValueError(f"threat_models must be among {list(THREAT_MODELS)}; got {unknown}")
-    if config.substitute not in ("jacobian", "trained"):
-        raise ValueError(f"substitute must be 'jacobian' or 'trained'; got {config.substitute!r}")
-    device = torch.device(config.device)
-    timer = _Timer(device)
+    device = config.validate()
+    timer = PhaseTimer(device)
     progress = config.progress
     start = time.perf_counter()
 
-    with timer("data"):
-        data = load_dataset(config.dataset, config.data, download=config.download)
+    with timer("data", label=False):  # no start line: a missing dataset's message comes first
+        data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
+        for name, option, split, requested, available in (
+                ("n_train", "--n-train", "training", config.n_train, data.x_train.shape[0]),
+                ("n_test", "--n-test", "test", config.n_test, data.x_test.shape[0])):
+            if requested is not None and requested > available:
+                raise ValueError(f"{name} ({option}) must be at most {available}, the number of {split} "
+                                 f"images of {data.name} in {data.source}; got {requested}")
         data = data.subset(config.n_train, config.n_test)
-    logger.info("%s: %d training, %d test images from %s", data.name, len(data.y_train),
-                len(data.y_test), data.source)
+    logger.info("%s: %d training, %d test images from %s: %.1f s", data.name, len(data.y_train),
+                len(data.y_test), display_path(data.source), timer.seconds["data"])
 
     holdout = config.holdout if config.substitute == "jacobian" else 0
     if holdout >= data.x_test.shape[0]:
-        raise ValueError(f"holdout must be smaller than the number of test images {data.x_test.shape[0]}; "
-                         f"got {holdout}")
+        raise ValueError(f"holdout (--holdout) must be smaller than the {data.x_test.shape[0]} test images in use "
+                         f"(--n-test): the rest is the evaluation set; got {holdout}")
     x_test, y_test = data.x_test[holdout:], data.y_test[holdout:]  # the evaluation set
 
     model_info: dict[str, Any] = {}
-    with timer("train"):
+    with timer("train", f"model F: train {config.epochs} epoch(s) on {len(data.y_train)} images, or load "
+                        f"the cached checkpoint"):
         F, f_info = load_or_train("F", data, seed=config.seed + 1, epochs=config.epochs, device=device,
                                   cache=config.cache, progress=progress)
+    with timer("train", "model E: " + (f"Jacobian substitute from {holdout} test images, labels from F"
+                                       if config.substitute == "jacobian" else
+                                       f"train {config.epochs} epoch(s)") + ", or load the cached checkpoint"):
         if config.substitute == "jacobian":
             E, e_info = load_or_train_substitute(data, F, f_info["key"], seed=config.seed, holdout=holdout,
                                                  device=device, cache=config.cache, progress=progress)
         else:
             E, e_info = load_or_train("E", data, seed=config.seed, epochs=config.epochs, device=device,
                                       cache=config.cache, progress=progress)
+    with timer("train", label=False):
         models = {"E": E, "F": F}
         for name, info in (("E", e_info), ("F", f_info)):
             accuracy = float((evaluate(models[name], x_test.to(device)).cpu() == y_test).double().mean())
             model_info[name] = {"seed": info.get("seed"), "epochs": info.get("epochs"),
-                                "test_accuracy": accuracy, "checkpoint": info.get("path"),
+                                "test_accuracy": accuracy, "checkpoint": Path(info["path"]).name if info.get("path") else None,
                                 "cached": bool(info.get("cached")), "train_seconds": info.get("train_seconds")}
         model_info["E"]["training"] = (
             f"substitute (Papernot et al.): {e_info.get('rounds')} rounds x {e_info.get('epochs')} epochs from "
@@ -399,23 +422,24 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
 
     train_loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=1000)
     budget = config.memory_budget if config.memory_budget is not None or device.type == "cuda" else 64 << 20
-    with timer("fit_idefender"):
+    with timer("fit_idefender", f"I-defender: hidden states of {len(data.y_train)} training images, "
+                                f"class mixtures, ID-95 thresholds"):
         idefender = IDefender(F, list(config.layers), config.n_components,
                               covariance_type=config.covariance_type, keep=0.95,
                               reg_covar=config.reg_covar, random_state=config.seed,
                               memory_budget=budget, progress=progress)
         idefender.fit(train_loader)
         thresholds95 = idefender.thresholds_.clone().cpu()
-    with timer("calibrate_id99"):
+    with timer("calibrate_id99", "ID-99 thresholds"):
         n_cal = data.x_train.shape[0] if config.n_calibrate is None else config.n_calibrate
         idefender.calibrate(DataLoader(TensorDataset(data.x_train[:n_cal], data.y_train[:n_cal]),
                                        batch_size=1000), keep=0.99)
         thresholds99 = idefender.thresholds_.clone().cpu()
-    with timer("fit_mahalanobis"):
+    with timer("fit_mahalanobis", "Mahalanobis baseline"):
         baseline = MahalanobisDetector(F, list(config.layers), reg_covar=config.reg_covar,
                                        memory_budget=budget, progress=progress).fit(train_loader)
 
-    with timer("score"):
+    with timer("score", f"score {len(y_test)} natural test images"):
         natural = _score(x_test, F, idefender, baseline, config.batch_size, device,
                          "score natural test inputs", progress)
     clean_correct = natural["pred"] == y_test
@@ -426,18 +450,18 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     curves: dict[str, dict[str, Any]] = {}
     kept: dict[float, Tensor] = {}  # black-box FGSM inputs, for the ablation
     jobs = [(threat, attack) for threat in config.threat_models for attack in config.attacks]
-    for threat, setting in tqdm(jobs, desc="attacks", disable=None if progress is None else not progress,
-                                unit="attack"):
+    for index, (threat, setting) in enumerate(progress_bar(jobs, "attacks", progress, unit="attack"), 1):
+        started = time.perf_counter()
         source_name = THREAT_MODELS[threat]
         source = models[source_name]
         attack = setting.build(source)
         full = threat == "black-box" and setting.name == "FGSM"
         n = x_test.shape[0] if full or config.n_other is None else min(config.n_other, x_test.shape[0])
         x_nat, y_nat, nat_pred = x_test[:n], y_test[:n], natural["pred"][:n]
-        with timer(f"attack {threat}"):
+        with timer(f"attack {threat}", label=False):
             x_adv = _craft(attack, x_nat, y_nat, config.batch_size, device,
                            f"{threat} {setting.label}", progress).cpu()
-        with timer("score"):
+        with timer("score", label=False):
             adv = _score(x_adv, F, idefender, baseline, config.batch_size, device,
                          f"score {threat} {setting.label}", progress)
             source_pred = evaluate(source, x_adv.to(device)).cpu()
@@ -447,10 +471,10 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         successful = adv["pred"] != nat_pred
         rejected95 = adv["idefender"] < thresholds95.double()[adv["pred"]]
         rejected99 = adv["idefender"] < thresholds99.double()[adv["pred"]]
-        auc, tpr = _detection(natural["idefender"], adv["idefender"])
-        auc_s, tpr_s = _detection(natural["idefender"], adv["idefender"][successful])
-        m_auc, m_tpr = _detection(natural["mahalanobis"], adv["mahalanobis"])
-        m_auc_s, _ = _detection(natural["mahalanobis"], adv["mahalanobis"][successful])
+        auc, tpr = detection(natural["idefender"], adv["idefender"])
+        auc_s, tpr_s = detection(natural["idefender"], adv["idefender"][successful])
+        m_auc, m_tpr = detection(natural["mahalanobis"], adv["mahalanobis"])
+        m_auc_s, _ = detection(natural["mahalanobis"], adv["mahalanobis"][successful])
         paper_dgan, paper_ours = (fgsm_paper_auc(data.name, setting.eps)
                                   if threat == "black-box" and setting.name == "FGSM" else (None, None))
         record = {
@@ -464,9 +488,9 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
             "source_adv_acc": float((source_pred == y_nat).double().mean()),
             "mean_linf": float(delta.abs().amax(1).mean()), "mean_l2": float(delta.norm(dim=1).mean()),
             "auc": auc, "auc_successful": auc_s, "tpr_at_5fpr": tpr, "tpr_at_5fpr_successful": tpr_s,
-            "id95_detection": _rate(rejected95), "id99_detection": _rate(rejected99),
-            "id95_detection_successful": _rate(rejected95[successful]),
-            "id99_detection_successful": _rate(rejected99[successful]),
+            "id95_detection": rate(rejected95), "id99_detection": rate(rejected99),
+            "id95_detection_successful": rate(rejected95[successful]),
+            "id99_detection_successful": rate(rejected99[successful]),
             "mahalanobis_auc": m_auc, "mahalanobis_auc_successful": m_auc_s,
             "mahalanobis_tpr_at_5fpr": m_tpr,
             "paper_auc": paper_ours, "paper_defense_gan_auc": paper_dgan,
@@ -474,15 +498,16 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         }
         records.append(record)
         curves.setdefault(threat, {})[setting.label] = {
-            "idefender": _roc(natural["idefender"], adv["idefender"]),
-            "mahalanobis": _roc(natural["mahalanobis"], adv["mahalanobis"]),
+            "idefender": roc(natural["idefender"], adv["idefender"]),
+            "mahalanobis": roc(natural["mahalanobis"], adv["mahalanobis"]),
             "attack": setting.name, "eps": setting.eps,
         }
-        logger.info("%s %s: adv acc %.3f, AUC %.4f", threat, setting.label, record["adv_acc"], auc)
+        logger.info("attack %d/%d, %s %s on %d images: adv acc %.3f, AUC %.4f: %.1f s", index, len(jobs), threat,
+                    setting.label, n, record["adv_acc"], auc, time.perf_counter() - started)
 
     ablation = None
     if config.ablation and kept:
-        with timer("ablation"):
+        with timer("ablation", f"ablation: {len(config.ablation)} detector variants"):
             ablation = _ablation(config, F, train_loader, x_test, kept, device, budget)
 
     total = time.perf_counter() - start
@@ -492,7 +517,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         "dataset": data.name,
         "seed": config.seed,
         "config": config.to_json(),
-        "data": {"source": str(data.source), "sha256": data.sha256, "n_train": int(data.x_train.shape[0]),
+        "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": int(data.x_train.shape[0]),
                  "n_test": int(x_test.shape[0]), "holdout": int(holdout),
                  "n_calibrate_id99": int(min(n_cal, data.x_train.shape[0]))},
         "models": model_info,
@@ -500,11 +525,11 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
             "layers": list(idefender.layers_), "n_features": widths,
             "n_components": config.n_components, "covariance_type": config.covariance_type,
             "reg_covar": config.reg_covar, "score": "log-likelihood under F's predicted class",
-            "natural_test_rejected_id95": _rate(natural_rejected95),
-            "natural_test_rejected_id99": _rate(natural_rejected99),
+            "natural_test_rejected_id95": rate(natural_rejected95),
+            "natural_test_rejected_id99": rate(natural_rejected99),
             "baseline": "MahalanobisDetector (one Gaussian per class, shared covariance, closest class)",
         },
-        "machine": _machine(device),
+        "machine": machine_info(device),
         "timings": {**{k: round(v, 2) for k, v in timer.seconds.items()}, "total": round(total, 2)},
         "records": records,
         "curves": curves,
@@ -519,8 +544,7 @@ def _ablation(config: BlackboxConfig, model: nn.Module, train_loader: DataLoader
     """Black-box FGSM AUC of every detector variant of ``config.ablation``."""
     rows = []
     progress = config.progress
-    for variant in tqdm(config.ablation, desc="ablation", unit="variant",
-                        disable=None if progress is None else not progress):
+    for variant in progress_bar(config.ablation, "ablation", progress, unit="variant"):
         row: dict[str, Any] = asdict(variant)
         row["layers"] = list(variant.layers)
         try:
@@ -535,7 +559,7 @@ def _ablation(config: BlackboxConfig, model: nn.Module, train_loader: DataLoader
 
             natural = _detector_scores(detector, x_test, config.batch_size, device, "ablation: natural",
                                        progress)
-            row["auc"] = [_detection(natural, _detector_scores(detector, x_adv, config.batch_size, device,
+            row["auc"] = [detection(natural, _detector_scores(detector, x_adv, config.batch_size, device,
                                                                f"ablation: FGSM eps={eps:g}", progress))[0]
                           for eps, x_adv in fgsm.items()]
         except (ValueError, RuntimeError) as exc:  # e.g. a singular covariance: report, go on

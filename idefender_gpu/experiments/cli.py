@@ -1,69 +1,259 @@
 """The ``reproduce`` subcommand of ``idefender-gpu``: the paper's experiments from one command.
 
 ``idefender-gpu reproduce blackbox --dataset fashion-mnist`` runs Section 4.1 (Tables 2-5,
-Figures 2-5) and writes ``results.json``, ``report.md`` and ROC PNGs into ``--out``.
+Figures 2-5) and writes ``results.json``, ``report.md`` and ROC PNGs into ``--out``
+(default ``results/reproduce-<dataset>``, a folder git ignores).
 
 Wire it into the main parser with :func:`register`::
 
     from idefender_gpu.experiments.cli import register as register_experiments
     register_experiments(sub)      # sub = parser.add_subparsers(...)
 
-or run this module: ``python -m idefender_gpu.experiments.cli reproduce blackbox ...``.
+Adding an experiment is one entry of :data:`EXPERIMENTS`: its help, its own options (the
+common ones, :func:`add_common_options`, come for free) and the function that runs it.
+Every option is checked while the command line is parsed (numbers, the device, layer
+names), and the experiment's config checks the rest before any work
+(:meth:`~idefender_gpu.experiments.blackbox.BlackboxConfig.validate`): a mistake costs
+seconds, not a training run. Errors reach the user through ``idefender_gpu.cli.main``,
+which prints them as one ``idefender-gpu: error: ...`` message (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["build_parser", "main", "register"]
+__all__ = ["EXPERIMENTS", "Experiment", "add_common_options", "register"]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text}")
+# --------------------------------------------------------------------------------------
+# Option types: argparse shows their messages as "argument --epochs: must be ..."
+# --------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive int (1, 2, ...)")
+non_negative_int = _int_at_least(0, "a non-negative int (0, 1, ...)")
+
+
+def count_or_all(text: str) -> int | None:
+    """A positive int, or ``all`` (None)."""
+    if text.lower() == "all":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'all'; got {text!r}") from None
+
+
+count_or_all.__name__ = "count or 'all'"
+
+
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a float >= 0 (such as 1e-4); got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite float >= 0 (such as 1e-4); got {text!r}")
     return value
 
 
-def _count_or_all(text: str) -> int | None:
-    if text.lower() == "all":
-        return None
-    return _positive_int(text)
+non_negative_float.__name__ = "non-negative float"
 
 
-def _blackbox(args: argparse.Namespace) -> int:
+def device(text: str) -> str:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    from idefender_gpu.experiments._common import check_device
+
+    try:
+        return str(check_device(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+device.__name__ = "device"
+
+
+def model_f_layers(text: str) -> tuple[str, ...]:
+    """Comma-separated layer specs of model F, resolved against an untrained model F."""
+    from idefender_gpu.features import parse_layers
+    from idefender_gpu.models import build_model
+
+    layers = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not layers:
+        raise argparse.ArgumentTypeError(f"must name at least one layer of model F; got {text!r}")
+    model = build_model("F")
+    try:
+        parse_layers(model, list(layers))
+    except ValueError:
+        names = ", ".join(name for name, _ in model.named_modules() if name)
+        raise argparse.ArgumentTypeError(
+            f"must be layers of model F ({names}), each optionally with ':input' or ':output', "
+            f"comma-separated and each once; got {text!r}") from None
+    return layers
+
+
+model_f_layers.__name__ = "layers of model F"
+
+
+# --------------------------------------------------------------------------------------
+# Options every experiment has, and logging of the phases
+# --------------------------------------------------------------------------------------
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """The options every experiment takes: data, output, seed, device, progress, cache."""
+    parser.add_argument("--dataset", choices=("fashion-mnist", "mnist"), default="fashion-mnist",
+                        help="the dataset (default %(default)s)")
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help="folder holding the four IDX files, the only one searched when given "
+                             "(default: $IDEFENDER_DATA if set, else Debian's /usr/share/datasets/<dataset>, "
+                             "then the download cache)")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download the dataset (without it, torchvision downloads it when no "
+                             "folder is named and no local files are found)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output folder (default results/reproduce-<dataset>, ignored by git)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                        help="seed of model E and of the mixtures' k-means; model F uses seed + 1 (default 0)")
+    parser.add_argument("--epochs", type=positive_int, default=5, metavar="N",
+                        help="training epochs of models E and F (default %(default)s)")
+    parser.add_argument("--device", type=device, default=None, metavar="DEVICE",
+                        help="torch device such as cpu, cuda or cuda:1 (default: cuda if available, else cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's own choice; 1 is fastest on a busy "
+                             "shared machine)")
+    parser.add_argument("--cache", metavar="DIR", default=None,
+                        help="checkpoint folder of the trained models (default $IDEFENDER_CACHE/models or "
+                             "~/.cache/idefender-gpu/models)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (bars are shown only on a terminal anyway; the one-line "
+                             "phase messages stay)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no phase messages on stderr (errors and the final table still print)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as plain lines on the current ``sys.stderr`` (through tqdm, so an open
+    progress bar is redrawn below the line instead of being broken)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - never let logging break a run
+            self.handleError(record)
+
+
+def _log_phases(quiet: bool) -> None:
+    """The library's log lines (one per phase: logger ``idefender_gpu.experiments``; and any
+    other ``idefender_gpu`` logger's INFO lines) on stderr, with the time of day."""
+    logger = logging.getLogger("idefender_gpu")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _setup(args: argparse.Namespace) -> str:
+    """Threads and logging for a run; returns the device."""
     import torch
-
-    from idefender_gpu.data import DatasetNotFoundError
-    from idefender_gpu.experiments.blackbox import ABLATION, BlackboxConfig, run_blackbox
-    from idefender_gpu.experiments.report import format_fgsm_table, write_outputs
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _log_phases(args.quiet)
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------
+# blackbox
+# --------------------------------------------------------------------------------------
+
+
+def _blackbox_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
+                        help="use only the first N training images (default all)")
+    parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
+                        help="use only the first N test images (default all)")
+    parser.add_argument("--n-other", type=count_or_all, default=1000, metavar="N",
+                        help="test images attacked in every setting but black-box FGSM (BIM, L2, DeepFool, "
+                             "semi-white-box): at most the first N of the evaluation set, or 'all' "
+                             "(default 1000)")
+    parser.add_argument("--n-calibrate", type=count_or_all, default=10000, metavar="N",
+                        help="training images that set the ID-99 thresholds: at most the first N, or 'all' "
+                             "(default 10000)")
+    parser.add_argument("--substitute", choices=("jacobian", "trained"), default="jacobian",
+                        help="model E: Papernot's substitute trained from --holdout test images with labels "
+                             "queried from F (Defense-GAN's black-box setting; default), or trained on the "
+                             "training set with the true labels")
+    parser.add_argument("--holdout", type=positive_int, default=150, metavar="N",
+                        help="test images the attacker holds (jacobian substitute), left out of the evaluation; "
+                             "must be smaller than the test images in use (default %(default)s)")
+    parser.add_argument("--layers", type=model_f_layers, default=("conv2",), metavar="LAYERS",
+                        help="comma-separated layers of model F whose hidden states I-defender models "
+                             "(default conv2: its second convolution before the ReLU; e.g. fc:input, "
+                             "conv2,fc)")
+    parser.add_argument("--components", type=positive_int, default=1, metavar="K",
+                        help="Gaussian mixture components per class (default %(default)s)")
+    parser.add_argument("--covariance", choices=("full", "tied", "diag", "spherical"), default="full",
+                        help="covariance type of the mixtures, as in scikit-learn's GaussianMixture "
+                             "(default %(default)s)")
+    parser.add_argument("--reg-covar", type=non_negative_float, default=1e-4, metavar="FLOAT",
+                        help="added to the diagonal of every covariance, >= 0 (default %(default)g)")
+    parser.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
+                        help="attack and scoring batch size (default %(default)s)")
+    parser.add_argument("--threat", choices=("both", "black-box", "semi-white-box"), default="both",
+                        help="threat models: black-box (attacks crafted on model E), semi-white-box (on "
+                             "model F's own gradients, no knowledge of the detector), or both (default)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also compare detector variants (layers, K, covariance) on black-box FGSM")
+
+
+def _blackbox(args: argparse.Namespace) -> int:
+    from idefender_gpu.experiments.blackbox import ABLATION, BlackboxConfig, run_blackbox
+    from idefender_gpu.experiments.report import format_fgsm_table, write_outputs
+
     threats = {"both": ("black-box", "semi-white-box"), "black-box": ("black-box",),
                "semi-white-box": ("semi-white-box",)}[args.threat]
     config = BlackboxConfig(
         dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs,
         n_train=args.n_train, n_test=args.n_test, n_other=args.n_other, n_calibrate=args.n_calibrate,
-        device=device,
+        device=_setup(args),
         progress=False if args.no_progress else None, download=not args.no_download,
         cache=args.cache, substitute=args.substitute, holdout=args.holdout,
-        layers=tuple(args.layers.split(",")), n_components=args.components,
+        layers=tuple(args.layers), n_components=args.components,
         covariance_type=args.covariance, reg_covar=args.reg_covar, batch_size=args.batch_size,
         threat_models=threats, ablation=ABLATION if args.ablation else (),
     )
+    config.validate()  # before any work (and again inside run_blackbox, for Python callers)
     out = Path(args.out or f"results/reproduce-{args.dataset}")
     started = time.perf_counter()
-    try:
-        results = run_blackbox(config)
-    except DatasetNotFoundError as exc:
-        print(f"idefender-gpu reproduce blackbox: {exc}", file=sys.stderr)
-        return 2
+    results = run_blackbox(config)
     paths = write_outputs(results, out)
     print(format_fgsm_table(results))
     print()
@@ -74,8 +264,39 @@ def _blackbox(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# The table of experiments and the parser
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One ``idefender-gpu reproduce <name>`` subcommand."""
+
+    help: str
+    description: str
+    #: adds the experiment's own options (the common ones are added for every experiment)
+    options: Callable[[argparse.ArgumentParser], None]
+    #: runs it from the parsed arguments; returns the exit code
+    run: Callable[[argparse.Namespace], int]
+
+
+#: name -> experiment. A new experiment is one entry (and its two functions).
+EXPERIMENTS: dict[str, Experiment] = {
+    "blackbox": Experiment(
+        help="Section 4.1: FGSM/BIM/L2/DeepFool crafted on model E against model F (Tables 2-5, "
+             "Figures 2-5), plus the semi-white-box variant",
+        description="The paper's black-box experiment (Section 4.1) on MNIST or Fashion-MNIST: trains "
+                    "models E and F (or loads their cached checkpoints), fits I-defender on F's hidden "
+                    "states, attacks, and writes results.json, report.md (the paper's numbers beside "
+                    "ours) and ROC PNGs into --out. About 4 minutes on a 2-core CPU with the defaults.",
+        options=_blackbox_options, run=_blackbox),
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``reproduce`` subcommand (with ``blackbox``) to an ``add_subparsers`` object.
+    """Add the ``reproduce`` subcommand (one leaf per :data:`EXPERIMENTS` entry) to an
+    ``add_subparsers`` object.
 
     Returns
     -------
@@ -83,70 +304,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         The ``reproduce`` parser. Each leaf sets ``func`` (call ``args.func(args)``).
     """
     reproduce = subparsers.add_parser(
-        "reproduce", help="reproduce the paper's experiments (markdown report, JSON, ROC PNGs)",
-        description="Reproduce the I-defender paper's experiments.")
-    which = reproduce.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
-    bb = which.add_parser(
-        "blackbox", help="Section 4.1: FGSM/BIM/L2/DeepFool crafted on model E against model F "
-                         "(Tables 2-5, Figures 2-5), plus the semi-white-box variant",
-        description="The paper's black-box experiment (Section 4.1) on MNIST or Fashion-MNIST.")
-    bb.add_argument("--dataset", choices=("fashion-mnist", "mnist"), default="fashion-mnist")
-    bb.add_argument("--data", default=None,
-                    help="folder with the four IDX files (searched first; then $IDEFENDER_DATA, "
-                         "/usr/share/datasets/<dataset>, the download cache)")
-    bb.add_argument("--out", default=None, help="output folder (default results/reproduce-<dataset>)")
-    bb.add_argument("--seed", type=int, default=0, help="model E seed (F: seed + 1); default 0")
-    bb.add_argument("--epochs", type=_positive_int, default=5, help="training epochs of E and F (default 5)")
-    bb.add_argument("--n-train", type=_positive_int, default=None,
-                    help="use only the first N training images (default all)")
-    bb.add_argument("--n-test", type=_positive_int, default=None,
-                    help="use only the first N test images (default all)")
-    bb.add_argument("--n-other", type=_count_or_all, default=1000,
-                    help="test images attacked in every setting but black-box FGSM (BIM, L2, DeepFool, "
-                         "semi-white-box): the first N of the evaluation set, or 'all' (default 1000)")
-    bb.add_argument("--n-calibrate", type=_count_or_all, default=10000,
-                    help="training images that set the ID-99 thresholds (default 10000, or 'all')")
-    bb.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    bb.add_argument("--threads", type=_positive_int, default=None,
-                    help="CPU threads for torch (default: torch's own choice)")
-    bb.add_argument("--no-progress", action="store_true", help="no progress bars")
-    bb.add_argument("--no-download", action="store_true",
-                    help="never download the dataset (fail when no local files are found)")
-    bb.add_argument("--cache", default=None,
-                    help="checkpoint folder (default $IDEFENDER_CACHE/models or ~/.cache/idefender-gpu/models)")
-    bb.add_argument("--substitute", choices=("jacobian", "trained"), default="jacobian",
-                    help="model E: Papernot's substitute trained from --holdout test images with labels "
-                         "queried from F (Defense-GAN's black-box setting; default), or trained on the "
-                         "training set with the true labels")
-    bb.add_argument("--holdout", type=_positive_int, default=150,
-                    help="test images the attacker holds (jacobian substitute); left out of the evaluation")
-    bb.add_argument("--layers", default="conv2",
-                    help="comma-separated layer specs of model F to model (default conv2: its second "
-                         "convolution before the ReLU)")
-    bb.add_argument("--components", type=_positive_int, default=1, help="mixture components per class (K)")
-    bb.add_argument("--covariance", choices=("full", "tied", "diag", "spherical"), default="full")
-    bb.add_argument("--reg-covar", type=float, default=1e-4)
-    bb.add_argument("--batch-size", type=_positive_int, default=500, help="attack / scoring batch size")
-    bb.add_argument("--threat", choices=("both", "black-box", "semi-white-box"), default="both")
-    bb.add_argument("--ablation", action="store_true",
-                    help="also compare detector variants (layers, K, covariance) on black-box FGSM")
-    bb.set_defaults(func=_blackbox)
+        "reproduce", help="reproduce the paper's experiments: reproduce blackbox (markdown report, JSON, "
+                          "ROC PNGs)",
+        description="Reproduce the I-defender paper's experiments (Zheng & Hong, 2018).")
+    which = reproduce.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT",
+                                     title="experiments")
+    for name, experiment in EXPERIMENTS.items():
+        leaf = which.add_parser(name, help=experiment.help, description=experiment.description)
+        add_common_options(leaf)
+        experiment.options(leaf)
+        leaf.set_defaults(func=experiment.run)
     return reproduce
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser holding only ``reproduce`` (for ``python -m``)."""
-    parser = argparse.ArgumentParser(prog="idefender-gpu", description=__doc__.split("\n")[0])
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m idefender_gpu.experiments.cli``."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    return args.func(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,7 +18,8 @@ from typing import Any
 
 from idefender_gpu.experiments.paper import FGSM_TABLES, SETTINGS_TABLES
 
-__all__ = ["FIGURES", "command_line", "format_fgsm_table", "markdown_report", "write_outputs"]
+__all__ = ["FIGURES", "FIGURE_DPI", "FIGURE_INCHES", "command_line", "format_fgsm_table", "markdown_report",
+           "write_outputs"]
 
 #: file name -> (threat model, which curves, title)
 FIGURES = {
@@ -29,6 +30,9 @@ FIGURES = {
 }
 
 DATASET_TITLES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST"}
+
+#: ROC figures: width in inches and resolution (6.4 in at 150 dpi: 960 x 816 px, 9-point legends)
+FIGURE_INCHES, FIGURE_DPI = 6.4, 150
 
 
 def _clean(value: Any) -> Any:
@@ -296,23 +300,25 @@ def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
         fgsm = [(label, c) for label, c in curves.items() if c["attack"] == "FGSM"]
         items = fgsm[:1] + [(label, c) for label, c in curves.items() if c["attack"] != "FGSM"]
     aucs = {r["label"]: r["auc"] for r in _records(results, threat)}
-    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=80)
+    fig, ax = plt.subplots(figsize=(FIGURE_INCHES, FIGURE_INCHES * 0.85))
     for label, curve in items:
         if curve["idefender"] is None:
             continue
         fpr, tpr = curve["idefender"]
-        ax.plot(fpr, tpr, lw=1.3, label=f"{label} (AUC {_f(aucs.get(label))})")
-    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+        ax.plot(fpr, tpr, lw=1.6, label=f"{label} (AUC {_f(aucs.get(label))})")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1.0, ls=":", label="chance (AUC 0.5)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (natural rejected)", fontsize=8)
-    ax.set_ylabel("true positive rate (adversarial detected)", fontsize=8)
-    ax.set_title(f"I-defender, {DATASET_TITLES.get(results['dataset'], results['dataset'])}: {caption}",
-                 fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.set_xlabel("false positive rate (natural inputs rejected)", fontsize=10)
+    ax.set_ylabel("true positive rate (adversarial inputs detected)", fontsize=10)
+    # Two short lines, so the title fits the figure whatever the caption's length.
+    ax.set_title(f"I-defender, {DATASET_TITLES.get(results['dataset'], results['dataset'])}\n{caption}",
+                 fontsize=11)
+    ax.tick_params(labelsize=9)
+    ax.grid(True, color="0.92", lw=0.6)
+    ax.legend(fontsize=9, loc="lower right", framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return True
 

@@ -1,0 +1,190 @@
+"""Helpers shared by the experiments (private): devices, batches, progress, phase timing, paths.
+
+Every experiment (``blackbox`` today; ``semi-whitebox``, ``graybox``, ``adaptive`` later)
+checks its device with :func:`check_device` before any work, shows tqdm bars through
+:func:`progress_bar` (on a terminal, or when asked) and times its phases with
+:class:`PhaseTimer`, which also logs one line when a phase starts and one with its
+elapsed seconds when it ends (logger ``idefender_gpu.experiments``: the command prints
+these on stderr, so a run without a terminal is never silent). :func:`display_path`
+writes paths into results files without the temporary or private folders of the machine
+that made them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import idefender_gpu
+from idefender_gpu.data import DATASETS, cache_dir
+from idefender_gpu.metrics import roc_auc_score, roc_curve, tpr_at_fpr
+
+__all__ = ["PhaseTimer", "batches", "check_device", "detection", "display_path", "logger", "machine_info",
+           "progress_bar", "rate", "roc"]
+
+logger = logging.getLogger("idefender_gpu.experiments")
+
+
+def check_device(device: Any) -> torch.device:
+    """``torch.device(device)`` if this machine has it; else a ``ValueError`` that says why.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ``'mps'``, ...
+
+    Returns
+    -------
+    device : torch.device
+
+    Raises
+    ------
+    ValueError
+        For a string that names no torch device type (``'tpu'``), or a device this
+        machine does not have (``'cuda'`` without CUDA, ``'cuda:3'`` with two GPUs).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}") \
+            from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else f"torch is built with CUDA {torch.version.cuda} but sees no GPU")
+            raise ValueError(f"device {str(device)!r} is not available: {why}; use device 'cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r} is not available: this machine has {count} CUDA "
+                             f"device(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and available():
+        return dev
+    raise ValueError(f"device {str(device)!r} is not available on this machine; use device 'cpu'"
+                     + (" or 'cuda'" if torch.cuda.is_available() else ""))
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    """Slices of ``range(n)`` of at most ``batch_size`` each."""
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def progress_bar(iterable: Iterable, desc: str, progress: bool | None, total: int | None = None,
+                 unit: str = "batch") -> Iterable:
+    """A tqdm bar (``progress`` None: only when stderr is a terminal)."""
+    return tqdm(iterable, desc=desc, total=total, disable=None if progress is None else not progress,
+                leave=False, unit=unit)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, accumulated (CUDA synchronised at both ends).
+
+    ``with timer("train", "model F")`` logs ``model F ...`` when it starts and
+    ``model F: 12.3 s`` when it ends (INFO, logger ``idefender_gpu.experiments``) and adds
+    the seconds to ``timer.seconds["train"]``; ``label=False`` times without logging.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, label: str | bool | None = None) -> Iterator[None]:
+        text = name if label is None or label is True else label
+        if label is not False:
+            logger.info("%s ...", text)
+        _synchronize(self.device)
+        start = time.perf_counter()
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            _synchronize(self.device)
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            if label is not False and not failed:
+                logger.info("%s: %.1f s", text, elapsed)
+
+
+def display_path(path: Any) -> str | None:
+    """``path`` as results files record it: never a temporary or private folder of this machine.
+
+    A Debian dataset folder keeps its absolute path and names its package; a path under the
+    cache folder is written ``<cache>/...``; one under the working folder, relative to it;
+    one under the home folder, ``~/...``; any other only by its last name, ``<elsewhere>/name``.
+    """
+    if path is None:
+        return None
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    for spec in DATASETS.values():
+        debian = Path(spec.debian_dir)
+        if path == debian or debian in path.parents:
+            package = f"Debian package {spec.debian_package}" if spec.debian_package else "Debian folder"
+            return f"{path} ({package})"
+    anchors = ((Path(os.path.abspath(cache_dir())), "<cache>/"), (Path.cwd(), ""), (Path.home(), "~/"))
+    for anchor, prefix in anchors:
+        if anchor == Path(anchor.anchor):  # a working or home folder at the root: no anchor
+            continue
+        if path == anchor:
+            return prefix.rstrip("/") or "."
+        if anchor in path.parents:
+            return prefix + str(path.relative_to(anchor))
+    return f"<elsewhere>/{path.name}"
+
+
+# --------------------------------------------------------------------------------------
+# Scores and records
+# --------------------------------------------------------------------------------------
+
+
+def detection(natural: Tensor, adversarial: Tensor) -> tuple[float | None, float | None]:
+    """``(AUC, TPR at 5% FPR)`` of ``-score`` with adversarial inputs as positives."""
+    if adversarial.numel() == 0:
+        return None, None
+    scores = torch.cat([-natural, -adversarial])
+    labels = torch.cat([torch.zeros(natural.numel()), torch.ones(adversarial.numel())])
+    return float(roc_auc_score(scores, labels)), float(tpr_at_fpr(scores, labels, 0.05))
+
+
+def roc(natural: Tensor, adversarial: Tensor) -> tuple[list[float], list[float]] | None:
+    """The ROC curve ``(fpr, tpr)`` of ``-score``, adversarial inputs as positives (None if none)."""
+    if adversarial.numel() == 0:
+        return None
+    scores = torch.cat([-natural, -adversarial])
+    labels = torch.cat([torch.zeros(natural.numel()), torch.ones(adversarial.numel())])
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return fpr.tolist(), tpr.tolist()
+
+
+def rate(mask: Tensor) -> float | None:
+    """The fraction of true values of ``mask`` (None when it is empty)."""
+    return float(mask.double().mean()) if mask.numel() else None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What results files record about the machine: device, versions, platform, threads."""
+    info = {"device": str(device), "torch": torch.__version__, "idefender_gpu": idefender_gpu.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
