@@ -195,6 +195,17 @@ def test_mnist_without_files_and_no_download(tmp_path, monkeypatch, capsys):
     assert "download with torchvision" not in "\n".join(err)
 
 
+def test_unusable_output_folders_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(blackbox, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    (tmp_path / "file").write_text("x")
+    code, err, _ = run(BLACKBOX + ["--out", str(tmp_path / "file")], capsys)
+    assert code == 2 and err[0] == f"idefender-gpu: error: --out {tmp_path / 'file'}: is a file, not a folder"
+    code, err, _ = run(BLACKBOX + ["--cache", str(tmp_path / "file" / "models")], capsys)
+    assert code == 2 and err[0] == (f"idefender-gpu: error: --cache {tmp_path / 'file' / 'models'}: "
+                                    f"{tmp_path / 'file'} is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing created
+
+
 @pytest.mark.parametrize("error", [
     exceptions.NotPSDError("The covariance of group 3 is not positive definite: raise reg_covar"),
     exceptions.RankFailedError("rank 1 failed while fitting: ValueError: boom"),

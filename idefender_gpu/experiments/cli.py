@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["EXPERIMENTS", "Experiment", "add_common_options", "register"]
+__all__ = ["EXPERIMENTS", "Experiment", "add_common_options", "check_writable_folder", "register"]
 
 
 # --------------------------------------------------------------------------------------
@@ -180,6 +180,20 @@ def _log_phases(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def check_writable_folder(path: Path, option: str) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (the run
+    would otherwise fail at its end). Creates nothing."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path}: is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: {existing} is not writable")
+
+
 def _setup(args: argparse.Namespace) -> str:
     """Threads and logging for a run; returns the device."""
     import torch
@@ -252,6 +266,9 @@ def _blackbox(args: argparse.Namespace) -> int:
     )
     config.validate()  # before any work (and again inside run_blackbox, for Python callers)
     out = Path(args.out or f"results/reproduce-{args.dataset}")
+    check_writable_folder(out, "--out")
+    if args.cache is not None:
+        check_writable_folder(Path(args.cache), "--cache")
     started = time.perf_counter()
     results = run_blackbox(config)
     paths = write_outputs(results, out)
