@@ -38,8 +38,8 @@ def _bench_parser() -> argparse.ArgumentParser:
 def test_bench_command_end_to_end_on_a_tiny_shape(tmp_path):
     """``idefender-gpu bench`` with its default ``--out``: a fresh ``results/bench-*`` folder
     of the working directory (never ``benchmarks/results``), the JSON record (timing, fit to
-    tol in a subprocess, FLOP count, blocks of groups, both scikit-learn references through
-    the ``SCIPY_ARRAY_API`` restart) and the table."""
+    tol in a subprocess, FLOP count, blocks of groups, both scikit-learn references, the
+    array-API one with ``SCIPY_ARRAY_API`` set by the command itself) and the table."""
     env = {k: v for k, v in os.environ.items() if k != "SCIPY_ARRAY_API"}
     cmd = [sys.executable, "-m", "idefender_gpu.cli", "bench", "--n", "600", "--d", "4",
            "--groups", "3", "--k", "2", "--iters", "2", "--repeats", "1", "--device", "cpu",
@@ -174,6 +174,24 @@ def test_environment_updates_and_restart_arguments():
     assert vars(again).keys() == vars(args).keys()
     assert {k: v for k, v in vars(again).items() if k != "func"} == {
         k: v for k, v in vars(args).items() if k != "func"}
+
+
+@pytest.mark.slow
+def test_command_restarts_itself_when_the_libraries_are_already_loaded():
+    """NumPy loaded before ``main``: the thread counts cannot apply in this process, so the
+    command restarts itself (``execve``: the caller's code after ``main`` never runs) with the
+    variables set and the same arguments."""
+    code = ("import numpy, sys\n"
+            "from idefender_gpu.cli import main\n"
+            "rc = main(['bench', '--threads', '1', '--table', '--out', sys.argv[1]])\n"
+            "print('returned', rc)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                             "OPENBLAS_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code, str(COMMITTED)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "returned" not in done.stdout
+    assert "| a: 60000x128, G=10, K=5, full |" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------
