@@ -16,7 +16,8 @@ signature (someone who rewrites the file can recompute it), so callers still che
 tensor's shape against the config and the config against what they load it into.
 
 Writes are atomic (a temporary file in the same folder, then a rename), so a reader never
-sees half a file and an interrupted write leaves the previous file intact. Reads go tensor
+sees half a file and an interrupted write leaves the previous file intact; the file gets the
+permissions ``open()`` would give it (the umask's). Reads go tensor
 by tensor from a memory map and copy each tensor once (the copy outlives the map, so
 replacing the file later is safe): the file's bytes are never held a second time in memory.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,17 @@ def write_verified(path: Any, marker: str, config: dict[str, Any], tensors: dict
     config_json = json.dumps(config, sort_keys=True)
     host = _host_tensors(tensors)
     metadata = {"format": marker, "config": config_json, "sha256": digest(marker, config_json, host)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    # A fresh name beside the target, so the rename is atomic. Its permissions are those
+    # open() gives a new file (they follow the umask), whatever save_file creates (0600).
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        save_file(host, tmp, metadata=metadata)
+        with open(tmp, "xb"):
+            mode = tmp.stat().st_mode
+        save_file(host, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -74,6 +74,24 @@ def test_round_trip(tmp_path):
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
 
 
+def test_written_file_permissions_follow_the_umask(tmp_path):
+    """As a file made by open(): readable by others under the usual umask 022 (a temporary
+    file from mkstemp would leave the target 0600)."""
+    import os
+    import stat
+
+    reference = tmp_path / "reference"
+    reference.write_bytes(b"")
+    path = _files.write_verified(tmp_path / "f.safetensors", MARKER, {"format_version": 1}, {"w": torch.ones(1)})
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+    old = os.umask(0o022)
+    try:
+        path = _files.write_verified(tmp_path / "g.safetensors", MARKER, {"format_version": 1}, {"w": torch.ones(1)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_file_written_by_the_former_writer_still_reads(tmp_path):
     """A detector file written before the merge: ``safetensors.save`` of host copies with the
     metadata built by the old digest."""
