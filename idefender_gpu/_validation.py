@@ -7,7 +7,6 @@ they came in: NumPy in -> NumPy out, a tensor in -> a tensor on the same device 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -221,41 +220,12 @@ def check_labels(y: Any, n_samples: int, device: torch.device, n_groups: int | N
     return tensor
 
 
-def check_scalar(value: Any, name: str, kind: type, low: float | None = None, *, low_open: bool = False) -> None:
-    """Validate an ``Integral`` / ``Real`` hyper-parameter against a lower bound."""
-    if isinstance(value, bool) or not isinstance(value, kind):
-        expected = "an int" if kind is Integral else "a float"
-        raise TypeError(
-            f"The '{name}' parameter must be {expected}"
-            + (f" in the range [{low}, inf)" if low is not None else "")
-            + f". Got {value!r} instead."
-        )
-    if low is not None and (value < low or (low_open and value == low)):
-        bracket = "(" if low_open else "["
-        raise ValueError(
-            f"The '{name}' parameter must be in the range {bracket}{low}, inf). "
-            f"Got {value!r} instead."
-        )
-
-
-def check_options(value: Any, name: str, options: tuple) -> None:
-    """Validate a string option."""
-    if value not in options:
-        raise ValueError(
-            f"The '{name}' parameter must be a str among {sorted(options)}. Got {value!r} instead."
-        )
-
-
 __all__ = [
     "ArrayKind",
     "check_array",
     "check_init_array",
     "check_labels",
-    "check_options",
-    "check_scalar",
     "describe",
     "resolve_device",
     "resolve_dtype",
-    "Integral",
-    "Real",
 ]
