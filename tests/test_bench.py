@@ -323,6 +323,10 @@ def test_skipped_references_are_recorded_with_their_reason(monkeypatch):
     record = run.run_workload(tiny, references=("sklearn_numpy",), device="cpu")
     sk = record["results"]["sklearn_numpy"]
     assert sk["skipped"].startswith("memory: estimated") and sk["memory_available_bytes"] == 1000
+    from idefender_gpu.bench.report import format_records, format_summary
+
+    assert "| sklearn_numpy | memory: estimated" in format_records([record])
+    assert "sklearn_numpy: memory: estimated" in format_summary([record])
 
 
 # ---------------------------------------------------------------------------------------
