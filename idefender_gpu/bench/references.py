@@ -72,6 +72,8 @@ class Implementation:
 
 
 class Ours(Implementation):
+    """``idefender_gpu[<backend>]``: :class:`BatchedGaussianMixture` on blocks of groups."""
+
     notes = "BatchedGaussianMixture: all groups in one batched fit"
 
     def __init__(self, data, workload, device, backend: str, group_block: int | None,
@@ -137,6 +139,9 @@ def _auto_group_block(workload: Workload, device: torch.device) -> int:
 
 
 class Sklearn(Implementation):
+    """``sklearn_numpy`` / ``sklearn_array_api``: scikit-learn, one fit per group; each
+    group's arrays are made once and kept (see :func:`reference_memory_estimate`)."""
+
     def __init__(self, data, workload, device, array_api: bool) -> None:
         super().__init__(data, workload, device if array_api else torch.device("cpu"))
         import sklearn  # noqa: F401 - ImportError: recorded as skipped
@@ -185,6 +190,8 @@ class Sklearn(Implementation):
 
 
 class TorchGMM(Implementation):
+    """``torchgmm``: torchgmm's ``GaussianMixture``, one fit per group (optional install)."""
+
     name = "torchgmm"
 
     def __init__(self, data, workload, device) -> None:
