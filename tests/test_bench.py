@@ -151,8 +151,14 @@ def test_unusable_device_is_refused_before_any_work(capsys):
     else:
         assert "CUDA is not available" in cli._device_problem("cuda")
     args = _bench_parser().parse_args(["bench", "--device", "nope", "--no-array-api"])
-    assert args.func(args) == 2
-    assert "argument --device: not a torch device: 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="argument --device: not a torch device: 'nope'"):
+        args.func(args)
+    from idefender_gpu.cli import main
+
+    assert main(["bench", "--device", "nope", "--no-array-api"]) == 2
+    assert "error: argument --device: not a torch device: 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--table", "--out", "/nonexistent/folder"]) == 2
+    assert "no folder /nonexistent/folder" in capsys.readouterr().err
 
 
 def test_environment_updates_and_restart_arguments():

@@ -209,9 +209,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.table:
         return _table(args.out or COMMITTED_RESULTS)
     problem = _device_problem(args.device)
-    if problem:
-        print(f"idefender-gpu bench: error: argument --device: {problem}", file=sys.stderr)
-        return 2
+    if problem:  # idefender-gpu's main prints it as one "error:" line, exit code 2
+        raise ValueError(f"argument --device: {problem}")
     return _workloads(args)
 
 
@@ -239,8 +238,7 @@ def _table(folder: Path) -> int:
     from idefender_gpu.bench.report import format_records, load_records
 
     if not folder.is_dir():
-        print(f"idefender-gpu bench --table: no folder {folder}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"bench --table: no folder {folder}")
     print(format_records(load_records(folder)))
     return 0
 
