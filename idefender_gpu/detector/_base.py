@@ -425,13 +425,11 @@ class _DetectorBase:
 
         Raises
         ------
-        TypeError
-            If ``path`` is not a str or ``os.PathLike``.
-        FileNotFoundError
-            If ``path`` does not exist.
         ValueError
             If the file is truncated, tampered with, not a detector, a detector of another
-            class, or fitted on a model whose layers differ from ``model``'s.
+            class, or fitted on a model whose layers differ from ``model``'s
+            (``FileNotFoundError`` for a missing file, ``TypeError`` for a ``path`` that is
+            not a str or ``os.PathLike``).
         """
         config, tensors = _io.read_detector_file(path)
         where = f"{str(path)!r}"
