@@ -292,28 +292,30 @@ def test_check_device():
 
 
 def test_phases_log_one_line_each_with_seconds(capsys):
-    from idefender_gpu.experiments.cli import _log_phases
+    from idefender_gpu.experiments.cli import phase_lines
 
-    _log_phases(quiet=False)
     timer = PhaseTimer(torch.device("cpu"))
-    with timer("train", "model F: train 5 epochs"):
-        pass
-    with timer("score", label=False):
-        pass
-    with pytest.raises(KeyError):
-        with timer("fit", "I-defender"):
-            raise KeyError("x")
+    with phase_lines():
+        with timer("train", "model F: train 5 epochs"):
+            pass
+        with timer("score", label=False):
+            pass
+        with pytest.raises(KeyError):
+            with timer("fit", "I-defender"):
+                raise KeyError("x")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3, err  # start and end of "model F"; start of "I-defender", never its end
     assert re.fullmatch(r"\d\d:\d\d:\d\d model F: train 5 epochs \.\.\.", err[0])
     assert re.fullmatch(r"\d\d:\d\d:\d\d model F: train 5 epochs: \d+\.\d s", err[1])
     assert re.fullmatch(r"\d\d:\d\d:\d\d I-defender \.\.\.", err[2])
     assert set(timer.seconds) == {"train", "score", "fit"}
-    _log_phases(quiet=True)
-    with timer("train", "model E"):
+    with phase_lines(quiet=True):
+        with timer("train", "model E"):
+            pass
+    with timer("train", "outside the command"):  # the library alone prints nothing
         pass
     assert capsys.readouterr().err == ""
-    logging.getLogger("idefender_gpu").setLevel(logging.NOTSET)
+    assert not any(type(h).__name__ == "_StderrHandler" for h in logging.getLogger("idefender_gpu").handlers)
 
 
 def test_display_path(tmp_path, monkeypatch):

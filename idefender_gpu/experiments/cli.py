@@ -21,15 +21,17 @@ which prints them as one ``idefender-gpu: error: ...`` message (exit code 2).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["EXPERIMENTS", "Experiment", "add_common_options", "check_writable_folder", "register"]
+__all__ = ["EXPERIMENTS", "Experiment", "add_common_options", "check_writable_folder", "phase_lines", "register"]
 
 
 # --------------------------------------------------------------------------------------
@@ -169,15 +171,22 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def _log_phases(quiet: bool) -> None:
-    """The library's log lines (one per phase: logger ``idefender_gpu.experiments``; and any
-    other ``idefender_gpu`` logger's INFO lines) on stderr, with the time of day."""
+@contextmanager
+def phase_lines(quiet: bool = False) -> Iterator[None]:
+    """Inside, the library's log lines (one per phase: logger ``idefender_gpu.experiments``;
+    and any other ``idefender_gpu`` logger's INFO lines) go to stderr with the time of day;
+    ``quiet``: only warnings. The logger is restored on exit."""
     logger = logging.getLogger("idefender_gpu")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        logger.addHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def check_writable_folder(path: Path, option: str) -> None:
@@ -194,14 +203,20 @@ def check_writable_folder(path: Path, option: str) -> None:
         raise PermissionError(f"{option} {path}: {existing} is not writable")
 
 
-def _setup(args: argparse.Namespace) -> str:
-    """Threads and logging for a run; returns the device."""
+def _default_device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run(experiment: "Experiment", args: argparse.Namespace) -> int:
+    """Every experiment's run: torch's threads, the phase lines, then ``experiment.run``."""
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _log_phases(args.quiet)
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with phase_lines(args.quiet):
+        return experiment.run(args)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +272,7 @@ def _blackbox(args: argparse.Namespace) -> int:
     config = BlackboxConfig(
         dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs,
         n_train=args.n_train, n_test=args.n_test, n_other=args.n_other, n_calibrate=args.n_calibrate,
-        device=_setup(args),
+        device=_default_device(args),
         progress=False if args.no_progress else None, download=not args.no_download,
         cache=args.cache, substitute=args.substitute, holdout=args.holdout,
         layers=tuple(args.layers), n_components=args.components,
@@ -330,5 +345,5 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         leaf = which.add_parser(name, help=experiment.help, description=experiment.description)
         add_common_options(leaf)
         experiment.options(leaf)
-        leaf.set_defaults(func=experiment.run)
+        leaf.set_defaults(func=functools.partial(_run, experiment))
     return reproduce
