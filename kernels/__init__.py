@@ -25,8 +25,10 @@ from ._dense import (
     log_prob_norm_and_resp,
     m_step_statistics,
     shifted_statistics,
+    statistics_shapes,
     statistics_to_parameters,
     tied_covariance,
+    tied_second_moment,
 )
 from ._linalg import (
     COVARIANCE_TYPES,
@@ -67,6 +69,8 @@ __all__ = [
     "precision_shape",
     "scale_tril_from_prec_chol",
     "shifted_statistics",
+    "statistics_shapes",
     "statistics_to_parameters",
     "tied_covariance",
+    "tied_second_moment",
 ]

@@ -23,7 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import LOG_2PI, log_det_prec_chol
+from ._chunks import (
+    CUDA_FREE_FRACTION,
+    DEFAULT_MEMORY_BUDGET,
+    MIN_CHUNK_ROWS,
+    _chunks,
+    chunk_rows,
+    default_memory_budget,
+)
+from ._linalg import LOG_2PI, log_det_prec_chol, precision_shape
+from ._settings import tf32_enabled
 
 __all__ = [
     "CUDA_FREE_FRACTION",
@@ -38,65 +47,11 @@ __all__ = [
     "log_prob_norm_and_resp",
     "m_step_statistics",
     "shifted_statistics",
+    "statistics_shapes",
     "statistics_to_parameters",
     "tied_covariance",
+    "tied_second_moment",
 ]
-
-#: Default bound, in bytes, on the intermediates of one chunk, per device type. On CPU
-#: chunks that stay in cache are fastest (``benchmarks/bench_chunks.py`` measures it); on
-#: a GPU larger chunks keep the GEMMs large. For CUDA this is the floor of a budget derived
-#: from the free device memory (:data:`CUDA_FREE_FRACTION`).
-DEFAULT_MEMORY_BUDGET = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
-
-#: Share of the device memory that is free (to the driver, or cached but unused by
-#: PyTorch's allocator) that one CUDA chunk may use by default.
-CUDA_FREE_FRACTION = 0.25
-
-#: Fewest rows per chunk under the default budget, per device type. With many groups on
-#: a GPU (1000 ImageNet classes) the byte budget alone gives chunks of a few rows, and
-#: every chunk re-reads every precision factor (memory-bound GEMMs); 128 rows keep the
-#: GEMMs compute-bound. An explicit ``memory_budget`` is always honoured exactly.
-MIN_CHUNK_ROWS = {"cuda": 128}
-
-
-def default_memory_budget(device: torch.device | str) -> int:
-    """The default chunk budget in bytes for ``device`` (64 MiB for unknown types).
-
-    CUDA: ``max(512 MiB, CUDA_FREE_FRACTION * available)`` with ``available`` the free
-    device memory plus what PyTorch's caching allocator holds unused
-    (``torch.cuda.mem_get_info``, called for CUDA devices only).
-    """
-    device = torch.device(device)
-    budget = DEFAULT_MEMORY_BUDGET.get(device.type, 64 * 2**20)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = max(budget, int(CUDA_FREE_FRACTION * (free + cached)))
-    return budget
-
-
-def chunk_rows(
-    n_rows: int, bytes_per_row: int, memory_budget: int | None, device: torch.device | str = "cpu"
-) -> int:
-    """Rows per chunk so that ``rows * bytes_per_row <= memory_budget`` (at least one).
-
-    ``memory_budget=None`` uses :func:`default_memory_budget` of ``device`` and at least
-    :data:`MIN_CHUNK_ROWS` rows of that device type (never more than ``n_rows``).
-    """
-    min_rows = 1
-    if memory_budget is None:
-        device = torch.device(device)
-        budget = default_memory_budget(device)
-        min_rows = MIN_CHUNK_ROWS.get(device.type, 1)
-    else:
-        budget = int(memory_budget)
-    return max(1, min(n_rows, max(min_rows, budget // max(1, bytes_per_row))))
-
-
-def _chunks(n_rows: int, rows: int):
-    for start in range(0, n_rows, rows):
-        yield slice(start, min(start + rows, n_rows))
-
 
 def _output(X: Tensor, G: int, K: int) -> Tensor:
     """The ``(G, N, K)`` result, allocated once before the chunk loop: small per-chunk
@@ -308,6 +263,24 @@ def estimate_log_prob_resp(
 # --------------------------------------------------------------------------------------
 
 
+def _tf32_products(X: Tensor) -> bool:
+    """Whether float32 GEMMs on ``X``'s device round their factors to TF32 now (CUDA with
+    TF32 allowed: :func:`~._settings.allow_tf32`). Never on CPU, so the CPU path is not
+    touched by the centring it triggers."""
+    return X.is_cuda and X.dtype == torch.float32 and tf32_enabled()
+
+
+def _weighted_sums(X: Tensor, resp: Tensor, counts: Tensor) -> Tensor:
+    """``Σ_n r_nk x_n`` ``(G, K, D)``. Under TF32 (rounding ``x`` to 10 bits, an error of
+    ``2⁻¹¹ |x|`` that grows with the data's distance from the origin) as
+    ``Σ_n r_nk (x_n - x_0) + n_k x_0`` on the group's first sample ``x_0``, so the
+    rounded product sees the spread of the data only; an empty component still sums to 0."""
+    if not _tf32_products(X) or X.shape[1] == 0:
+        return resp.mT @ X
+    ref = X[:, :1]  # (G, 1, D), a sample of every group (padding sits at the end)
+    return resp.mT @ (X - ref) + counts.unsqueeze(-1) * ref
+
+
 def _add_to_diagonal(matrices: Tensor, value: float) -> Tensor:
     matrices.diagonal(dim1=-2, dim2=-1).add_(value)
     return matrices
@@ -338,6 +311,22 @@ def _covariances_full(X, resp, nk, means, reg_covar, memory_budget):
     return _add_to_diagonal(cov, reg_covar)
 
 
+def tied_second_moment(
+    X: Tensor, weight: Tensor, shift: Tensor, *, memory_budget: int | None = None
+) -> Tensor:
+    """``Σ_n w_n (x_n - s)(x_n - s)ᵀ`` per group, ``(G, D, D)``, accumulated in place.
+
+    ``X (G, N, D)``, ``weight (G, N)`` (zero on padding), ``shift (G, 1, D)``.
+    """
+    G, N, D = X.shape
+    rows = chunk_rows(N, 2 * G * D * X.element_size(), memory_budget, X.device)
+    second = X.new_zeros(G, D, D)
+    for sl in _chunks(N, rows):
+        xc = X[:, sl] - shift  # (G, c, D)
+        second.baddbmm_((xc * weight[:, sl].unsqueeze(-1)).mT, xc)  # (G, D, D), in place
+    return second
+
+
 def tied_covariance(
     X: Tensor,
     weight: Tensor,
@@ -353,14 +342,9 @@ def tied_covariance(
     the subtraction cancels only the spread of the component means about it. ``weight
     (G, N)`` is one for samples and zero for padding; ``nk (G, K)``, ``means (G, K, D)``.
     """
-    G, K, D = means.shape
-    rows = chunk_rows(X.shape[1], 2 * G * D * X.element_size(), memory_budget, X.device)
     total = nk.sum(-1)  # (G,)
     centre = (nk.unsqueeze(-1) * means).sum(-2) / total.unsqueeze(-1)  # (G, D)
-    cov = X.new_zeros(G, D, D)
-    for sl in _chunks(X.shape[1], rows):
-        xc = X[:, sl] - centre.unsqueeze(1)  # (G, c, D)
-        cov.baddbmm_((xc * weight[:, sl].unsqueeze(-1)).mT, xc)  # (G, D, D), in place
+    cov = tied_second_moment(X, weight, centre.unsqueeze(1), memory_budget=memory_budget)
     mu = means - centre.unsqueeze(1)  # (G, K, D)
     cov.sub_((mu * nk.unsqueeze(-1)).mT @ mu)  # (G, D, D)
     cov.div_(total[:, None, None])
@@ -435,8 +419,9 @@ def estimate_gaussian_parameters(
     covariances : Tensor
         Shape per ``covariance_type`` (see :mod:`._linalg`), same dtype/device as ``X``.
     """
-    nk = resp.sum(-2) + 10 * torch.finfo(resp.dtype).eps  # (G, K)
-    means = (resp.mT @ X) / nk.unsqueeze(-1)  # (G, K, D)
+    counts = resp.sum(-2)  # (G, K)
+    nk = counts + 10 * torch.finfo(resp.dtype).eps  # (G, K)
+    means = _weighted_sums(X, resp, counts) / nk.unsqueeze(-1)  # (G, K, D)
     covariances = _COVARIANCES[covariance_type](X, resp, nk, means, reg_covar, memory_budget)
     return nk, means, covariances
 
@@ -514,16 +499,15 @@ def shifted_statistics(
     G, N, D = X.shape
     K = resp.shape[-1]
     counts = resp.sum(-2)  # (G, K)
-    first = resp.mT @ X - counts.unsqueeze(-1) * centres  # (G, K, D)
-    if covariance_type == "tied":
-        weight = resp.sum(-1)  # (G, N)
+    if _tf32_products(X):  # TF32 rounds x itself: centre before the product
         shift = centres.mean(-2, keepdim=True)  # (G, 1, D)
-        rows = chunk_rows(N, 2 * G * D * X.element_size(), memory_budget, X.device)
-        second = X.new_zeros(G, D, D)
-        for sl in _chunks(N, rows):
-            xc = X[:, sl] - shift  # (G, c, D)
-            second.baddbmm_((xc * weight[:, sl].unsqueeze(-1)).mT, xc)  # in place
-        return counts, first, second
+        first = resp.mT @ (X - shift) - counts.unsqueeze(-1) * (centres - shift)  # (G, K, D)
+    else:
+        first = resp.mT @ X - counts.unsqueeze(-1) * centres  # (G, K, D)
+    if covariance_type == "tied":
+        shift = centres.mean(-2, keepdim=True)  # (G, 1, D)
+        return counts, first, tied_second_moment(X, resp.sum(-1), shift,
+                                                 memory_budget=memory_budget)
     rows = chunk_rows(N, G * K * D * X.element_size(), memory_budget, X.device)
     if covariance_type == "full":
         second = X.new_zeros(G, K, D, D)
@@ -540,6 +524,15 @@ def shifted_statistics(
         weights = resp[:, sl].mT.reshape(G * K, 1, c)  # (G*K, 1, c)
         second.baddbmm_(weights, diff_sq.view(G * K, c, D))  # (G*K, 1, D), in place
     return counts, first, second.view(G, K, D)
+
+
+def statistics_shapes(covariance_type: str, G: int, K: int, D: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of ``(counts, first, second)`` of :func:`shifted_statistics` (what a
+    data-parallel fit all-reduces): ``(G, K)``, ``(G, K, D)`` and ``second`` full
+    ``(G, K, D, D)``, tied ``(G, D, D)``, diag and spherical ``(G, K, D)`` (the spherical
+    second moment keeps its D features until :func:`statistics_to_parameters`)."""
+    second = precision_shape("diag" if covariance_type == "spherical" else covariance_type, G, K, D)
+    return (G, K), (G, K, D), second
 
 
 def statistics_to_parameters(

@@ -1,10 +1,14 @@
 """Kernel contract tests: E-step and M-step kernels against independent float64 oracles.
 
-The generic checks live in :class:`KernelContract`; a backend's test class only says which
-backend it is and how it turns a canonical :class:`Problem` (NumPy float64 arrays) into its
-inputs (``make_inputs``). ``TestDense`` runs the contract on the dense torch kernels; a KeOps
-backend adds ``TestKeOps`` with its own ``backend``/``make_inputs`` and an entry in
-``BACKEND_MODULES``.
+The generic checks live in contract mixins, one per group of kernels (``KERNELS`` names
+them): :class:`KernelContract` for the kernels every backend exports (``log_prob_norm``,
+``m_step_statistics``), and :class:`LogProbContract`, :class:`EStepContract`,
+:class:`MStepContract` for the dense-only ``log_gaussian_prob``,
+``estimate_log_prob_resp``, ``estimate_gaussian_parameters``. A backend's test class
+inherits the contracts of the kernels it has and says which backend it is and how it
+turns a canonical :class:`Problem` (NumPy float64 arrays) into its inputs
+(``make_inputs``): ``TestDense`` runs all four, ``TestKeOps`` the KernelContract; no test
+is generated for a kernel a backend does not have.
 
 Oracles: ``scipy.stats.multivariate_normal``, ``torch.distributions.MultivariateNormal``
 and scikit-learn's private ``_estimate_log_gaussian_prob`` / ``_estimate_gaussian_parameters``
@@ -51,24 +55,11 @@ CONTRACT_KERNELS = (
     "m_step_statistics",
 )
 
-
-class _Backend:
-    """A backend module whose missing kernels skip the test that needs them (a KeOps
-    backend, say, exports ``log_prob_norm``/``m_step_statistics`` only)."""
-
-    def __init__(self, module):
-        self._module = module
-
-    def __getattr__(self, name):
-        try:
-            return getattr(self._module, name)
-        except AttributeError:
-            pytest.skip(f"{self._module.__name__} does not export {name}")
-
-
-def _functions(backend: str) -> _Backend:
-    """The kernels of ``backend`` (``log_gaussian_prob`` etc.)."""
-    return _Backend(importlib.import_module(BACKEND_MODULES[backend]))
+def _functions(backend: str):
+    """The kernel module of ``backend``: a kernel it lacks is an AttributeError, never a
+    skip (each contract below lists the kernels it needs, and a backend's test class
+    inherits only the contracts of the kernels it has)."""
+    return importlib.import_module(BACKEND_MODULES[backend])
 
 
 # --------------------------------------------------------------------------------------
@@ -205,10 +196,18 @@ def assert_close_np(actual, expected, dtype, **overrides):
 # --------------------------------------------------------------------------------------
 
 
-class KernelContract:
-    """Generic checks of one kernel backend. Subclasses set ``backend`` and ``make_inputs``."""
+# --------------------------------------------------------------------------------------
+# The contracts
+# --------------------------------------------------------------------------------------
+
+
+
+class _ContractBase:
+    """Fixtures and helpers of every contract. Subclasses set ``backend`` and
+    ``make_inputs``; each contract sets ``KERNELS``, the kernels its tests call."""
 
     backend: str
+    KERNELS: tuple[str, ...] = ()
 
     def make_inputs(self, problem: Problem, dtype: torch.dtype, device) -> dict:
         """Tensors for ``problem.call_arrays()`` in this backend's input format."""
@@ -239,6 +238,39 @@ class KernelContract:
         return fn.log_gaussian_prob(
             t["X"], t["means"], t["prec_chol"], problem.covariance_type, **kwargs
         )
+
+
+    def _mstep(self, fn, problem, dtype=torch.float64, device="cpu", reg_covar=REG_COVAR, **kw):
+        t = self.make_inputs(problem, dtype, device)
+        return fn.estimate_gaussian_parameters(
+            t["X"], t["resp"], reg_covar, problem.covariance_type, **kw
+        )
+
+    @staticmethod
+    def _sklearn_mstep(X, resp, covariance_type, reg_covar=REG_COVAR):
+        return skgm._estimate_gaussian_parameters(X, resp, reg_covar, covariance_type)
+
+    def _assert_mstep_matches_sklearn(self, problem, result, dtype, sizes=None):
+        nk, means, covariances = (r.detach().cpu().double().numpy() for r in result)
+        G = problem.means.shape[0]
+        assert nk.shape == problem.log_weights.shape
+        assert means.shape == problem.means.shape
+        assert covariances.shape == problem.covariances.shape
+        for g in range(G):
+            n = problem.X.shape[1] if sizes is None else sizes[g]
+            exp_nk, exp_means, exp_cov = self._sklearn_mstep(
+                problem.X[g, :n], problem.resp[g, :n], problem.covariance_type
+            )
+            assert_close_np(nk[g], exp_nk, dtype)
+            assert_close_np(means[g], exp_means, dtype)
+            assert_close_np(covariances[g], exp_cov, dtype)
+
+
+class LogProbContract(_ContractBase):
+    """``log_gaussian_prob`` against oracles, chunked, differentiated, in every layout."""
+
+    KERNELS = ("log_gaussian_prob",)
+
 
     # ---- log-densities: oracles ---------------------------------------------------------
 
@@ -279,15 +311,13 @@ class KernelContract:
         self, fn, covariance_type, layout, n_samples, n_features, n_components
     ):
         """One sample, one feature, one component: no size-1 axis is squeezed or broadcast
-        the wrong way, in the E-step or the M-step."""
+        the wrong way (the M-step's counterpart is in :class:`MStepContract`)."""
         problem = random_problem(
             covariance_type, layout, n_samples=n_samples, n_features=n_features,
             n_components=n_components, seed=30,
         )
         out = self._log_prob(fn, problem)
         assert_close_np(problem.grouped(out), scipy_log_prob(problem), torch.float64)
-        if problem.has_group_axis and not problem.shared_X:
-            self._assert_mstep_matches_sklearn(problem, self._mstep(fn, problem), torch.float64)
 
     def test_log_prob_float32_matches_float64_oracle(self, fn, covariance_type, layout):
         problem = random_problem(covariance_type, layout, seed=4)
@@ -408,6 +438,13 @@ class KernelContract:
         assert out.dtype == dtype
         assert out.device.type == device.type
 
+
+class EStepContract(_ContractBase):
+    """``estimate_log_prob_resp``: log-likelihoods and log-responsibilities."""
+
+    KERNELS = ("estimate_log_prob_resp",)
+
+
     # ---- E-step ---------------------------------------------------------------------------
 
     def _estep(self, fn, problem, dtype=torch.float64, device="cpu", **kwargs):
@@ -467,32 +504,25 @@ class KernelContract:
             assert out.dtype == dtype
             assert out.device.type == device.type
 
-    # ---- M-step ---------------------------------------------------------------------------
 
-    def _mstep(self, fn, problem, dtype=torch.float64, device="cpu", reg_covar=REG_COVAR, **kw):
-        t = self.make_inputs(problem, dtype, device)
-        return fn.estimate_gaussian_parameters(
-            t["X"], t["resp"], reg_covar, problem.covariance_type, **kw
+class MStepContract(_ContractBase):
+    """``estimate_gaussian_parameters`` from given responsibilities against scikit-learn."""
+
+    KERNELS = ("estimate_gaussian_parameters",)
+
+    @pytest.mark.parametrize(
+        "n_samples, n_features, n_components", [(1, 1, 1), (2, 1, 3), (5, 4, 1)]
+    )
+    def test_mstep_degenerate_sizes_match_sklearn(
+        self, fn, covariance_type, mstep_layout, n_samples, n_features, n_components
+    ):
+        """One sample, one feature, one component in the M-step."""
+        problem = random_problem(
+            covariance_type, mstep_layout, n_samples=n_samples, n_features=n_features,
+            n_components=n_components, seed=30,
         )
+        self._assert_mstep_matches_sklearn(problem, self._mstep(fn, problem), torch.float64)
 
-    @staticmethod
-    def _sklearn_mstep(X, resp, covariance_type, reg_covar=REG_COVAR):
-        return skgm._estimate_gaussian_parameters(X, resp, reg_covar, covariance_type)
-
-    def _assert_mstep_matches_sklearn(self, problem, result, dtype, sizes=None):
-        nk, means, covariances = (r.detach().cpu().double().numpy() for r in result)
-        G = problem.means.shape[0]
-        assert nk.shape == problem.log_weights.shape
-        assert means.shape == problem.means.shape
-        assert covariances.shape == problem.covariances.shape
-        for g in range(G):
-            n = problem.X.shape[1] if sizes is None else sizes[g]
-            exp_nk, exp_means, exp_cov = self._sklearn_mstep(
-                problem.X[g, :n], problem.resp[g, :n], problem.covariance_type
-            )
-            assert_close_np(nk[g], exp_nk, dtype)
-            assert_close_np(means[g], exp_means, dtype)
-            assert_close_np(covariances[g], exp_cov, dtype)
 
     def test_mstep_matches_sklearn(self, fn, covariance_type, mstep_layout, device):
         problem = random_problem(covariance_type, mstep_layout, n_samples=23, seed=16)
@@ -550,6 +580,14 @@ class KernelContract:
         for out in self._mstep(fn, problem, dtype=dtype, device=device):
             assert out.dtype == dtype
             assert out.device.type == device.type
+
+
+class KernelContract(_ContractBase):
+    """The kernels every backend exports: ``log_prob_norm`` (differentiable) and
+    ``m_step_statistics`` (responsibilities recomputed from the parameters)."""
+
+    KERNELS = ("log_prob_norm", "m_step_statistics")
+
 
     # ---- fused kernels: log_prob_norm and m_step_statistics --------------------------------
 
@@ -674,7 +712,7 @@ class KernelContract:
             assert out.device.type == device.type
 
 
-class TestDense(KernelContract):
+class TestDense(LogProbContract, EStepContract, MStepContract, KernelContract):
     """The dense torch backend (``idefender_gpu.kernels``), every layout (no G, G=1, G=3,
     shared X) through the contract's ``layout``/``mstep_layout`` parametrisation."""
 
@@ -696,9 +734,9 @@ def _keops_available() -> bool:
 @pytest.mark.keops
 @pytest.mark.skipif(not _keops_available(), reason="pykeops is not installed")
 class TestKeOps(KernelContract):
-    """The KeOps backend: the same contract (it exports ``log_prob_norm`` and
-    ``m_step_statistics``; the other kernels' tests skip). Inputs are made contiguous, as
-    KeOps requires; nothing else differs. Each new formula compiles once (seconds)."""
+    """The KeOps backend: the contract of the kernels it exports (``log_prob_norm`` and
+    ``m_step_statistics``). Inputs are made contiguous, as KeOps requires; nothing else
+    differs. Each new formula compiles once (seconds, cached under ``~/.cache/keops*``)."""
 
     backend = "keops"
 
@@ -717,9 +755,49 @@ class TestKeOps(KernelContract):
         compiles separately, and these two cover the matrix and the vector formulas)."""
         super().test_log_prob_norm_gradcheck(fn, gradcheck_type, layout)
 
+    @pytest.mark.parametrize("rows_per_slice", [5, 23])
+    def test_m_step_statistics_slices_match_one_reduction(
+        self, fn, covariance_type, mstep_layout, rows_per_slice
+    ):
+        """The M-step reduction's chunk axis (issue 16, slow item 2): 23 samples in slices
+        of 5 (the last one padded) or in one slice give the same statistics, and
+        scikit-learn's M-step; with padding rows of zero sample weight too."""
+        problem = random_problem(covariance_type, mstep_layout, n_samples=23, seed=49)
+        problem.resp, norm = self._oracle_resp(problem)
+        G, N, _ = problem.X.shape
+        expected = self._m_step_statistics(fn, problem, norm, rows_per_slice=N)
+        actual = self._m_step_statistics(fn, problem, norm, rows_per_slice=rows_per_slice)
+        torch.testing.assert_close(actual, expected, **tol(torch.float64))
+        self._assert_mstep_matches_sklearn(problem, actual, torch.float64)
+        sample_weight = np.ones((G, N))
+        sample_weight[:, 17:] = 0.0
+        weighted = self._m_step_statistics(fn, problem, norm, sample_weight=sample_weight,
+                                           rows_per_slice=rows_per_slice)
+        problem.resp = problem.resp * sample_weight[..., None]
+        self._assert_mstep_matches_sklearn(problem, weighted, torch.float64, sizes=[17] * G)
 
+    def test_sufficient_statistics_equal_dense_shifted_statistics(
+        self, fn, covariance_type, mstep_layout
+    ):
+        """KeOps returns the dense backend's sufficient statistics (centred on the current
+        means), so both backends finish the M-step with one ``statistics_to_parameters``."""
+        problem = random_problem(covariance_type, mstep_layout, n_samples=23, seed=50)
+        resp, norm = self._oracle_resp(problem)
+        t = self.make_inputs(problem, torch.float64, "cpu")
+        lazy = fn.sufficient_statistics(
+            t["X"], torch.as_tensor(norm), t["log_weights"], t["means"], t["prec_chol"],
+            covariance_type, rows_per_slice=7,
+        )
+        dense = ker.shifted_statistics(t["X"], torch.as_tensor(resp), t["means"], covariance_type)
+        torch.testing.assert_close(lazy, dense, **tol(torch.float64))
+        G, K, D = problem.means.shape
+        assert tuple(x.shape for x in lazy) == ker.statistics_shapes(covariance_type, G, K, D)
+
+
+@pytest.mark.keops
 def test_keops_matches_dense_on_a_larger_problem():
-    """Backend parity beyond the small contract problems: N=2000, K=16, D=5, float32."""
+    """Backend parity beyond the small contract problems: N=2000, K=16, D=5, float32; the
+    M-step reduction in slices of 300 samples (the last one padded) and in one."""
     if not _keops_available():
         pytest.skip("pykeops is not installed")
     from idefender_gpu.kernels import _keops
@@ -735,9 +813,11 @@ def test_keops_matches_dense_on_a_larger_problem():
     lazy = _keops.log_prob_norm(X, log_weights, means, prec_chol, "full")
     torch.testing.assert_close(lazy, dense, **tol(torch.float32))
     stats_dense = ker.m_step_statistics(X, dense, log_weights, means, prec_chol, "full", 1e-6)
-    stats_lazy = _keops.m_step_statistics(X, lazy, log_weights, means, prec_chol, "full", 1e-6)
     # float32 sums over 2000 samples in two different orders: a looser atol for the counts
-    torch.testing.assert_close(stats_lazy, stats_dense, rtol=1e-4, atol=1e-3)
+    for rows_per_slice in (None, 300):
+        stats_lazy = _keops.m_step_statistics(X, lazy, log_weights, means, prec_chol, "full",
+                                              1e-6, rows_per_slice=rows_per_slice)
+        torch.testing.assert_close(stats_lazy, stats_dense, rtol=1e-4, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------
@@ -745,10 +825,22 @@ def test_keops_matches_dense_on_a_larger_problem():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CONTRACT_KERNELS)
-def test_dense_backend_exports_every_contract_kernel(name):
-    """The contract skips kernels a backend lacks; the dense backend must have them all."""
-    assert callable(getattr(importlib.import_module(BACKEND_MODULES["torch"]), name))
+def _contract_kernels(test_class) -> set[str]:
+    return {name for cls in test_class.__mro__ for name in vars(cls).get("KERNELS", ())}
+
+
+@pytest.mark.parametrize("test_class", [TestDense, TestKeOps], ids=lambda c: c.__name__)
+def test_backend_exports_the_kernels_of_its_contracts(test_class):
+    """A test class inherits only contracts whose kernels its backend exports (so no test
+    is generated, and none skipped, for a kernel a backend lacks)."""
+    module = importlib.import_module(BACKEND_MODULES[test_class.backend])
+    for name in _contract_kernels(test_class):
+        assert callable(getattr(module, name)), name
+
+
+def test_dense_backend_runs_every_contract():
+    assert _contract_kernels(TestDense) == set(CONTRACT_KERNELS)
+    assert _contract_kernels(TestKeOps) == {"log_prob_norm", "m_step_statistics"}
 
 
 @pytest.mark.parametrize(
@@ -774,6 +866,74 @@ def test_chunk_rows_respects_budget():
                 assert rows == 1 or rows * bytes_per_row <= budget
                 # maximal: one more row would exceed the budget (or there is none left)
                 assert rows == n_rows or (rows + 1) * bytes_per_row > budget
+
+
+def test_default_budget_on_cpu_never_asks_cuda(monkeypatch):
+    """The CUDA memory query is guarded: CPU chunking never calls it (issue 16, slow 1)."""
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda memory queried for a CPU device")
+
+    for name in ("mem_get_info", "memory_reserved", "memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    assert ker.default_memory_budget("cpu") == ker.DEFAULT_MEMORY_BUDGET["cpu"]
+    assert ker.chunk_rows(10**6, 1000, None, "cpu") == ker.DEFAULT_MEMORY_BUDGET["cpu"] // 1000
+    assert ker.chunk_rows(10**6, 10**9, None, "cpu") == 1  # no minimum row count on CPU
+    X = torch.randn(2, 50, 3)
+    out = ker.log_gaussian_prob(X, torch.randn(2, 4, 3), torch.ones(2, 4, 3), "diag")
+    assert out.shape == (2, 50, 4)
+
+
+def _fake_cuda_memory(monkeypatch, free, reserved=0, allocated=0):
+    calls = []
+
+    def mem_get_info(device=None):
+        calls.append(device)
+        return free, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+    return calls
+
+
+def test_default_cuda_budget_follows_free_memory(monkeypatch):
+    """CUDA: a share of the free memory (plus the allocator's unused cache), at least the
+    512 MiB floor; asked of the tensors' device."""
+    calls = _fake_cuda_memory(monkeypatch, free=40 * 2**30, reserved=6 * 2**30,
+                              allocated=2 * 2**30)
+    expected = int(ker.CUDA_FREE_FRACTION * 44 * 2**30)
+    assert ker.default_memory_budget(torch.device("cuda", 1)) == expected
+    assert calls == [torch.device("cuda", 1)]
+    _fake_cuda_memory(monkeypatch, free=2**30)
+    assert ker.default_memory_budget("cuda") == ker.DEFAULT_MEMORY_BUDGET["cuda"]
+
+
+def test_cuda_chunks_keep_a_minimum_row_count(monkeypatch):
+    """Workload c1 (1000 groups, D=4096 on one GPU): 32 MiB of intermediates per row gave
+    16-row chunks under 512 MiB; the default now keeps at least MIN_CHUNK_ROWS rows,
+    while an explicit budget is honoured exactly."""
+    _fake_cuda_memory(monkeypatch, free=2 * 2**30)
+    per_row = 2 * 1000 * 1 * 4096 * 4  # full log-density, G=1000, K=1, float32
+    minimum = ker.MIN_CHUNK_ROWS["cuda"]
+    assert ker.chunk_rows(1_281_167, per_row, None, "cuda") == minimum
+    assert ker.chunk_rows(50, per_row, None, "cuda") == 50  # never more than the rows
+    assert ker.chunk_rows(1_281_167, per_row, 512 * 2**20, "cuda") == 16
+    _fake_cuda_memory(monkeypatch, free=60 * 2**30)  # an idle 80 GB device: the budget wins
+    assert ker.chunk_rows(1_281_167, per_row, None, "cuda") == int(15 * 2**30) // per_row
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_statistics_shapes_match_shifted_statistics(covariance_type):
+    G, N, K, D = 2, 7, 3, 4
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(G, N, D, generator=g, dtype=torch.float64)
+    resp = torch.softmax(torch.randn(G, N, K, generator=g, dtype=torch.float64), -1)
+    centres = torch.randn(G, K, D, generator=g, dtype=torch.float64)
+    stats = ker.shifted_statistics(X, resp, centres, covariance_type)
+    assert tuple(s.shape for s in stats) == ker.statistics_shapes(covariance_type, G, K, D)
+    params = ker.statistics_to_parameters(*stats, centres, 1e-3, covariance_type)
+    assert params[2].shape == ker.precision_shape(covariance_type, G, K, D)
 
 
 def test_log_prob_norm_and_resp_matches_logsumexp(seed):

@@ -6,7 +6,15 @@ plus one table entry (C14). The EM driver never looks inside.
 * ``torch`` (dense): the E-step materialises the ``(G, N, K)`` responsibilities with batched
   GEMMs and the M-step reuses them.
 * ``keops``: the E-step keeps only ``log p(x)`` ``(G, N)``; the M-step recomputes the
-  responsibilities lazily inside one KeOps reduction. No ``(N, K, D)`` tensor at all.
+  responsibilities lazily inside one KeOps reduction (split into slices of samples along a
+  chunk axis, so it runs in parallel over N), which returns the sufficient statistics of
+  the dense :func:`~idefender_gpu.kernels.shifted_statistics`; the dense
+  :func:`~idefender_gpu.kernels.statistics_to_parameters` turns them into parameters (the
+  one copy of that formula, shared with the streamed and data-parallel fits). No
+  ``(N, K, D)`` tensor at all.
+
+Both backends run with whatever TF32 setting the caller chose
+(:func:`idefender_gpu.kernels.allow_tf32`); none is changed here.
 """
 
 from __future__ import annotations
