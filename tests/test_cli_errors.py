@@ -131,6 +131,9 @@ def test_holdout_larger_than_the_test_images_is_refused_before_any_data(monkeypa
                              f"fashion-mnist in {DEBIAN_DIR}; got 70000"),
     (["--holdout", "10000"], "holdout (--holdout) must be smaller than the 10000 test images in use "
                              "(--n-test): the rest is the evaluation set; got 10000"),
+    (["--n-train", "100", "--components", "20"],
+     "every class needs at least max(2, n_components (--components)) = 20 training images for its mixture; "
+     "class 8 (Bag) has 4 of the 100 in use (raise --n-train or lower --components)"),
 ])
 def test_sample_counts_are_checked_against_the_dataset_before_training(argv, first, capsys):
     code, err, _ = run(BLACKBOX + ["--quiet"] + argv, capsys)

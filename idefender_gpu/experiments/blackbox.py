@@ -383,6 +383,13 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
                 raise ValueError(f"{name} ({option}) must be at most {available}, the number of {split} "
                                  f"images of {data.name} in {data.source}; got {requested}")
         data = data.subset(config.n_train, config.n_test)
+        counts = torch.bincount(data.y_train, minlength=data.n_classes)  # (n_classes,)
+        smallest = int(counts.argmin())
+        if int(counts[smallest]) < max(config.n_components, 2):
+            raise ValueError(f"every class needs at least max(2, n_components (--components)) = "
+                             f"{max(config.n_components, 2)} training images for its mixture; class {smallest} "
+                             f"({data.classes[smallest]}) has {int(counts[smallest])} of the {len(data.y_train)} "
+                             f"in use (raise --n-train or lower --components)")
     logger.info("%s: %d training, %d test images from %s: %.1f s", data.name, len(data.y_train),
                 len(data.y_test), display_path(data.source), timer.seconds["data"])
 
