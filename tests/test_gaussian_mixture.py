@@ -538,3 +538,22 @@ def test_sample_matches_the_model(small_data, covariance_type):
         d = np.sqrt(np.diag(full_k))
         se_cov = np.sqrt((np.outer(d, d) ** 2 + full_k**2) / n_k)
         assert np.all(np.abs(np.cov(draws.T) - full_k) < 5 * se_cov)
+
+
+def test_float32_score_is_the_mean_scikit_learn_takes():
+    """``score`` is ``score_samples(X).mean()`` computed as scikit-learn computes it: NumPy's
+    float32 mean for NumPy input (torch's float32 sum rounds differently for these sizes),
+    torch's for a tensor."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(9999, 2)) * 30 - 50).astype(np.float32)
+    model = GaussianMixture(2, random_state=0, device="cpu").fit(X)
+    log_prob = model.score_samples(X)
+    assert log_prob.dtype == np.float32
+    assert model.score(X) == float(log_prob.mean())
+    differs = float(torch.from_numpy(log_prob).mean()) != float(log_prob.mean())
+    Xt = torch.from_numpy(X)
+    tensor_model = GaussianMixture(2, random_state=0).fit(Xt)
+    assert tensor_model.score(Xt) == float(tensor_model.score_samples(Xt).mean())
+    assert model.bic(X) == -2 * float(log_prob.mean()) * len(X) + model._n_parameters() * np.log(len(X))
+    if not differs:  # the data above was chosen so that the two means differ; say so if not
+        pytest.fail("precondition: torch's and NumPy's float32 means should differ for this data")

@@ -197,3 +197,18 @@ def test_memory_budget_bounds_peak_rss():
     assert small < 2 * budget + data + 6 * resp + 16 * 2**20, small
     large = peak(str(2**30))
     assert large > 150 * 10**6, large
+
+
+@pytest.mark.parametrize("cls", [GaussianMixture, BatchedGaussianMixture])
+@pytest.mark.parametrize("params", [{"tol": float("nan")}, {"reg_covar": float("inf")}, {"n_init": 0}])
+def test_fit_stream_validates_the_hyperparameters_before_reading(cls, params):
+    """``fit_stream`` checks ``_parameter_constraints`` first: no batch is read."""
+    read = []
+
+    def data():
+        read.append(1)
+        return [np.zeros((4, 2))]
+
+    with pytest.raises(ValueError, match=f"The '{next(iter(params))}' parameter of {cls.__name__} must be"):
+        cls(1, **params).fit_stream(data)
+    assert read == []

@@ -22,6 +22,7 @@ initialisation. One host synchronisation per EM iteration (the convergence flags
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from numbers import Integral
@@ -206,19 +207,17 @@ def group_layout(X: Tensor, y: Tensor, n_groups: int) -> tuple[Groups, Tensor, T
     return Groups(Xp, weight, counts.to(X.dtype)), y, rows
 
 
-def present_groups(y: Tensor, n_max: int | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+def present_groups(y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     """Groups present in ``y``, each sample's index among them and its row in its group,
-    and the largest group count: the layout of only the groups a batch holds.
-
-    ``n_max``, when given, is used instead of the largest count (no host sync); it must
-    be at least that count."""
+    and the largest group count: the layout of only the groups a batch holds (computed
+    where ``y`` is: on the CPU, no device synchronisation)."""
     present, local = torch.unique(y, return_inverse=True)
     counts = torch.bincount(local, minlength=present.shape[0])
     order = torch.argsort(local, stable=True)
     offsets = torch.cumsum(counts, 0) - counts
     rows = torch.empty_like(local)
     rows[order] = torch.arange(y.shape[0], device=y.device) - offsets[local[order]]
-    return present, local, rows, int(counts.max()) if n_max is None else n_max
+    return present, local, rows, int(counts.max())
 
 
 def padded(X: Tensor, local: Tensor, rows: Tensor, n_groups: int, n_max: int) -> tuple[Tensor, Tensor]:
@@ -451,8 +450,25 @@ class Request:
         return device if self.storage_device is None else torch.device(self.storage_device)
 
 
+def reject_sparse(X: Any, name: str = "X") -> None:
+    """scikit-learn's error for a SciPy sparse matrix or array (dense data required)."""
+    sparse = sys.modules.get("scipy.sparse")
+    if sparse is not None and sparse.issparse(X):
+        raise TypeError(
+            f"Sparse data was passed for {name}, but dense data is required. Use '.toarray()' "
+            "to convert to a dense numpy array."
+        )
+    if isinstance(X, Tensor) and X.layout != torch.strided:
+        raise TypeError(
+            f"Sparse data was passed for {name} (layout {X.layout}), but dense data is required. "
+            "Use '.to_dense()' to convert to a dense tensor."
+        )
+
+
 def peek(X: Any) -> tuple[Tensor, ArrayKind]:
-    """Tensor view of ``X`` (no copy, no validation) to resolve the compute dtype/device."""
+    """Tensor view of ``X`` (no copy, no validation) to resolve the compute dtype/device;
+    rejects sparse input."""
+    reject_sparse(X)
     if isinstance(X, Tensor):
         return X, ArrayKind(numpy=False, device=X.device)
     try:
