@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -126,6 +126,7 @@ class Run:
                    self.converged.to(device), [h.to(device) for h in self.lower_bounds])
 
 
+@runtime_checkable
 class DataSource(Protocol):
     """Where the samples of a fit come from: one EM pass over the data per call.
 
