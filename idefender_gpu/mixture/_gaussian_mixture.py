@@ -168,7 +168,11 @@ class GaussianMixture(_GaussianMixtureBase):
         memory: each pass scores the batches and adds up their sufficient statistics,
         centred on the current means. A first pass validates the batches and keeps a
         uniform sample of ``max(256, 20 * n_components)`` rows for the seeding of
-        ``init_params``; ``'kmeans'`` then runs Lloyd passes over the stream.
+        ``init_params``; ``'kmeans'`` then runs Lloyd passes over the stream. Later passes
+        trust what the first pass checked (they must yield the same data) and, with
+        labels on the CPU, make no host synchronisation besides the convergence check
+        of each iteration; CPU batches bound for CUDA go through pinned memory
+        (``DataLoader(pin_memory=True)`` saves that copy).
 
         Parameters
         ----------

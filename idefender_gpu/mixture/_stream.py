@@ -35,6 +35,20 @@ from idefender_gpu.mixture._core import (
 from idefender_gpu.mixture._kmeans import _sq_dist, kmeans_plusplus
 
 
+def _to_device(tensor: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``tensor`` on ``device`` (in ``dtype``). A CPU tensor bound for CUDA goes through
+    pinned memory, asynchronously: a copy from pageable memory would synchronise the
+    stream (wait for the work queued so far) on every batch. Batches from a
+    ``DataLoader(pin_memory=True)`` are pinned already and are not copied on the host."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)  # cast on the host: the copy then moves final bytes only
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(device=device, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype)
+
+
 def reservoir_size(n_components: int) -> int:
     """Rows kept per group for seeding: ``max(256, 20 K)``."""
     return max(256, 20 * n_components)
@@ -131,15 +145,16 @@ class StreamSource:
                 )
             if not X_t.shape[0]:
                 continue
-            X_t = X_t.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            X_t = _to_device(X_t, self.device, self.dtype)
             if not self._batched:  # one group: the batch is its layout
                 yield X_t.unsqueeze(0), None, whole
                 continue
             y_t, _ = _to_tensor_any(y, "y")
             # The layout from the labels where they are (no device sync on the CPU).
             present, local, rows, n_max = present_groups(y_t.to(torch.int64))
-            Xp, weight = padded(X_t, local.to(self.device), rows.to(self.device), present.shape[0], n_max)
-            yield Xp, weight, present.to(self.device)
+            local, rows, present = (_to_device(t, self.device) for t in (local, rows, present))
+            Xp, weight = padded(X_t, local, rows, present.shape[0], n_max)
+            yield Xp, weight, present
 
     def _first_pass(self, parent_generator: Callable) -> None:
         """Resolve dtype/device/D from the first batch; count groups; reservoir sample."""
