@@ -90,8 +90,8 @@ class MarginPGD(Attack):
     -----
     ``attack(x, y)`` takes ``x`` (B, ...) within ``bounds`` and the true labels ``y``
     (B,) in ``[0, K)``, and returns a detached tensor of the same shape, dtype and device
-    inside the eps ball. Each step runs the model once with gradients; each checkpoint and
-    each run synchronises with the host once. Random starts draw from torch's global
+    inside the eps ball. Each step runs the model once with gradients and never synchronises
+    with the host; each run does once (to gather the samples not yet evaded). Random starts draw from torch's global
     generator on the model's device (seed it for reproducible runs).
 
     References
@@ -201,8 +201,8 @@ class MarginPGD(Attack):
 
         x_adv = norm.random_start(x, eps).clamp(low, high)
         loss, grad, margin = self._evaluate(x_adv, y, target)
-        x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()  # of the run's loss
-        x_out, margin_out = x_adv.clone(), margin.clone()  # of the untargeted margin
+        x_best, loss_best, grad_best = x_adv, loss, grad  # best of the run's loss
+        x_out, margin_out = x_adv, margin  # first evasion, else best untargeted margin
         eta = torch.full((len(x),), 2.0 * eps, dtype=x.dtype, device=x.device)  # (b,)
         x_prev = x_adv
         loss_prev = loss
@@ -218,17 +218,20 @@ class MarginPGD(Attack):
             loss, grad, margin = self._evaluate(x_adv, y, target)
             with torch.no_grad():
                 # Keep the first evasion (margin > 0), else the highest untargeted margin.
-                keep = (margin > margin_out) & ~(margin_out > 0)
-                x_out[keep], margin_out[keep] = x_adv[keep], margin[keep]
+                keep = (margin > margin_out) & ~(margin_out > 0)  # (b,)
+                x_out = torch.where(expand_to(keep, x), x_adv, x_out)
+                margin_out = torch.where(keep, margin, margin_out)
                 rises += loss > loss_prev
                 loss_prev = loss
-                better = loss > loss_best
-                x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+                better = loss > loss_best  # (b,)
+                x_best = torch.where(expand_to(better, x), x_adv, x_best)
+                grad_best = torch.where(expand_to(better, x), grad, grad_best)
+                loss_best = torch.where(better, loss, loss_best)
                 if k in checkpoints:
                     stalled = (rises < RHO * (k - last_check)) | (~halved_at_check & (loss_best <= best_at_check))
                     eta = torch.where(stalled, eta / 2.0, eta)
-                    x_adv, grad = x_adv.clone(), grad.clone()
-                    x_adv[stalled], grad[stalled] = x_best[stalled], grad_best[stalled]
+                    x_adv = torch.where(expand_to(stalled, x), x_best, x_adv)  # restart from the best
+                    grad = torch.where(expand_to(stalled, x), grad_best, grad)
                     x_prev = torch.where(expand_to(stalled, x), x_adv, x_prev)  # no momentum across
                     loss_prev = torch.where(stalled, loss_best, loss_prev)
                     rises.zero_()
