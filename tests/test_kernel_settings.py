@@ -251,3 +251,13 @@ def test_mstep_means_under_tf32_do_not_lose_the_offset(covariance_type, monkeypa
     assert plain[0] > 3e-3 and plain[1] > 3e-3, plain
     assert centred[0] < 1e-3 and centred[1] < 1e-3, centred
     assert centred[0] * 5 < plain[0] and centred[1] * 5 < plain[1], (plain, centred)
+
+
+def test_settings_docstring_examples_run():
+    """``kernels/`` lies outside pytest's doctest paths: run the module's examples here."""
+    import doctest
+
+    from idefender_gpu.kernels import _settings
+
+    result = doctest.testmod(_settings, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0, result
