@@ -98,6 +98,7 @@ class DataParallel:
         self.world_size = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
         self.timeout = timeout
+        self._cuda_device: torch.device | None = None  # this rank's GPU, once known
 
     def __repr__(self) -> str:
         return (f"DataParallel(rank={self.rank}, world_size={self.world_size}, "
@@ -111,14 +112,19 @@ class DataParallel:
         For NCCL, the device of the tensors themselves (the rank's compute device), not
         ``torch.cuda.current_device()``: a rank that computes on ``cuda:1`` without calling
         ``torch.cuda.set_device(1)`` would otherwise hand NCCL buffers on ``cuda:0``, the same
-        GPU as rank 0 (NCCL then fails with a duplicate-GPU error or hangs). Only a
-        tensor that is not on CUDA (e.g. a CPU table of fault flags) goes to the current
-        CUDA device."""
+        GPU as rank 0 (NCCL then fails with a duplicate-GPU error or hangs). A host tensor
+        (the tables of fault flags and shapes) goes to the last GPU this rank's collectives
+        used, else to the process group's bound device (``init_process_group(device_id=...)``),
+        else to the current CUDA device."""
         if self.backend == "nccl":
-            if device.type == "cuda":
-                return device if device.index is not None else \
+            if device.type == "cuda" and device.index is not None:
+                self._cuda_device = device
+                return device
+            if self._cuda_device is None:
+                bound = getattr(self.group, "bound_device_id", None)
+                self._cuda_device = bound if bound is not None else \
                     torch.device("cuda", torch.cuda.current_device())
-            return torch.device("cuda", torch.cuda.current_device())
+            return self._cuda_device
         if self.backend == "gloo":
             return torch.device("cpu")
         return device  # a multi-device backend ("cpu:gloo,cuda:nccl") dispatches by device
@@ -323,6 +329,13 @@ def data_parallel(group: Any = None, *, timeout: Any = None) -> Iterator[DataPar
 
     Notes
     -----
+    With NCCL, the buffers of a collective live on the GPU of the fit's tensors (the
+    estimator's ``device``); host-side tables (fault flags, shapes) go to the same GPU, or,
+    before any GPU tensor was exchanged, to the group's bound device
+    (``init_process_group(device_id=...)``) or the current CUDA device: give each rank its
+    own GPU (``torch.cuda.set_device(local_rank)`` or ``device_id``), as NCCL requires. Not
+    yet run on NCCL (no GPU was available): the CUDA paths are checked on the CPU only.
+
     The shards may have any sizes and groups (classes) may be missing from some, but
     every rank needs at least one sample. All ranks must run the same library version on
     the same kind of device. ``backend='keops'`` does not apply: the statistics are

@@ -103,15 +103,24 @@ def test_sample_with_blocks_and_a_storage_device_equals_one_block(covariance_typ
 
 def test_nccl_buffers_live_on_the_tensors_device():
     """Issue 16 item 5: a rank computing on cuda:1 without torch.cuda.set_device(1) must
-    not hand NCCL a buffer on cuda:0 (the current device)."""
+    not hand NCCL a buffer on cuda:0 (the current device); host tables follow its GPU."""
+    from types import SimpleNamespace
+
     from idefender_gpu.distributed import DataParallel
 
-    setting = DataParallel.__new__(DataParallel)  # no process group needed for the routing
-    setting.backend = "nccl"
-    assert setting._comm_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
-    assert setting._comm_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
-    setting.backend = "gloo"
-    assert setting._comm_device(torch.device("cuda", 1)) == torch.device("cpu")
+    def setting(backend, bound=None):
+        made = DataParallel.__new__(DataParallel)  # no process group needed for the routing
+        made.backend, made.group, made._cuda_device = backend, SimpleNamespace(bound_device_id=bound), None
+        return made
+
+    nccl = setting("nccl")
+    assert nccl._comm_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert nccl._comm_device(torch.device("cpu")) == torch.device("cuda", 1)  # the rank's GPU
+    assert nccl._comm_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    bound = setting("nccl", bound=torch.device("cuda", 2))
+    assert bound._comm_device(torch.device("cpu")) == torch.device("cuda", 2)  # before any GPU tensor
+    assert setting("gloo")._comm_device(torch.device("cuda", 1)) == torch.device("cpu")
+    assert setting("cpu:gloo,cuda:nccl")._comm_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
 
 
 @pytest.mark.parametrize("batched", [False, True])
