@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tol, train_bars
+from conftest import train_bars
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
