@@ -270,7 +270,18 @@ def _tf32_products(X: Tensor) -> bool:
     return X.is_cuda and X.dtype == torch.float32 and tf32_enabled()
 
 
-def _weighted_sums(X: Tensor, resp: Tensor, counts: Tensor) -> Tensor:
+def _centred_first(X: Tensor, resp: Tensor, shift: Tensor, memory_budget: int | None) -> Tensor:
+    """``Σ_n r_nk (x_n - s)`` ``(G, K, D)`` for ``shift (G, 1, D)``, in chunks of rows
+    accumulated in place (no centred copy of all of ``X``)."""
+    G, N, D = X.shape
+    rows = chunk_rows(N, G * D * X.element_size(), memory_budget, X.device)
+    total = X.new_zeros(G, resp.shape[-1], D)
+    for sl in _chunks(N, rows):
+        total.baddbmm_(resp[:, sl].mT, X[:, sl] - shift)  # (G, K, D), in place
+    return total
+
+
+def _weighted_sums(X: Tensor, resp: Tensor, counts: Tensor, memory_budget: int | None) -> Tensor:
     """``Σ_n r_nk x_n`` ``(G, K, D)``. Under TF32 (rounding ``x`` to 10 bits, an error of
     ``2⁻¹¹ |x|`` that grows with the data's distance from the origin) as
     ``Σ_n r_nk (x_n - x_0) + n_k x_0`` on the group's first sample ``x_0``, so the
@@ -278,7 +289,7 @@ def _weighted_sums(X: Tensor, resp: Tensor, counts: Tensor) -> Tensor:
     if not _tf32_products(X) or X.shape[1] == 0:
         return resp.mT @ X
     ref = X[:, :1]  # (G, 1, D), a sample of every group (padding sits at the end)
-    return resp.mT @ (X - ref) + counts.unsqueeze(-1) * ref
+    return _centred_first(X, resp, ref, memory_budget) + counts.unsqueeze(-1) * ref
 
 
 def _add_to_diagonal(matrices: Tensor, value: float) -> Tensor:
@@ -421,7 +432,7 @@ def estimate_gaussian_parameters(
     """
     counts = resp.sum(-2)  # (G, K)
     nk = counts + 10 * torch.finfo(resp.dtype).eps  # (G, K)
-    means = _weighted_sums(X, resp, counts) / nk.unsqueeze(-1)  # (G, K, D)
+    means = _weighted_sums(X, resp, counts, memory_budget) / nk.unsqueeze(-1)  # (G, K, D)
     covariances = _COVARIANCES[covariance_type](X, resp, nk, means, reg_covar, memory_budget)
     return nk, means, covariances
 
@@ -501,7 +512,8 @@ def shifted_statistics(
     counts = resp.sum(-2)  # (G, K)
     if _tf32_products(X):  # TF32 rounds x itself: centre before the product
         shift = centres.mean(-2, keepdim=True)  # (G, 1, D)
-        first = resp.mT @ (X - shift) - counts.unsqueeze(-1) * (centres - shift)  # (G, K, D)
+        first = (_centred_first(X, resp, shift, memory_budget)
+                 - counts.unsqueeze(-1) * (centres - shift))  # (G, K, D)
     else:
         first = resp.mT @ X - counts.unsqueeze(-1) * centres  # (G, K, D)
     if covariance_type == "tied":

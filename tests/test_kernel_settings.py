@@ -251,6 +251,15 @@ def test_mstep_means_under_tf32_do_not_lose_the_offset(covariance_type, monkeypa
     assert plain[0] > 3e-3 and plain[1] > 3e-3, plain
     assert centred[0] < 1e-3 and centred[1] < 1e-3, centred
     assert centred[0] * 5 < plain[0] and centred[1] * 5 < plain[1], (plain, centred)
+    # the centred products run in chunks of rows: the same sums under a tiny budget
+    chunked = ker.estimate_gaussian_parameters(X, resp32, 1e-3, covariance_type, memory_budget=64)
+    torch.testing.assert_close(chunked, ker.estimate_gaussian_parameters(X, resp32, 1e-3,
+                                                                         covariance_type),
+                               rtol=1e-4, atol=1e-4)
+    first = ker.shifted_statistics(X, resp32, means, covariance_type, memory_budget=64)[1]
+    torch.testing.assert_close(first, ker.shifted_statistics(X, resp32, means,
+                                                             covariance_type)[1],
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_settings_docstring_examples_run():
