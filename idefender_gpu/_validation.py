@@ -6,6 +6,7 @@ they came in: NumPy in -> NumPy out, a tensor in -> a tensor on the same device 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,30 @@ def describe(value: Any) -> str:
     return f"type {type(value).__name__}"
 
 
+def reject_sparse(X: Any, name: str = "X") -> None:
+    """scikit-learn's error for a SciPy sparse matrix or a sparse tensor (dense data required)."""
+    sparse = sys.modules.get("scipy.sparse")
+    if sparse is not None and sparse.issparse(X):
+        raise TypeError(
+            f"Sparse data was passed for {name}, but dense data is required. Use '.toarray()' "
+            "to convert to a dense numpy array."
+        )
+    if isinstance(X, Tensor) and X.layout != torch.strided:
+        raise TypeError(
+            f"Sparse data was passed for {name} (layout {X.layout}), but dense data is required. "
+            "Use '.to_dense()' to convert to a dense tensor."
+        )
+
+
+def _complex_error(value: Any) -> ValueError:
+    """scikit-learn's error for complex input."""
+    return ValueError(f"Complex data not supported\n{value}\n")
+
+
 def _to_tensor_any(value: Any, name: str) -> tuple[Tensor, ArrayKind]:
-    """Tensor view of an array-like without changing dtype/device; reject non-numeric."""
+    """Tensor view of an array-like without changing dtype/device; reject non-numeric, sparse
+    and complex input."""
+    reject_sparse(value, name)
     if isinstance(value, Tensor):
         return value, ArrayKind(numpy=False, device=value.device)
     if isinstance(value, (str, bytes)) or value is None:
@@ -49,6 +72,8 @@ def _to_tensor_any(value: Any, name: str) -> tuple[Tensor, ArrayKind]:
         array = np.asarray(value)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise TypeError(f"{name} must be an array-like of numbers; got {type(value).__name__}") from exc
+    if array.dtype.kind == "c":
+        raise _complex_error(array)
     if array.dtype == object or array.dtype.kind not in "biuf":
         raise TypeError(
             f"{name} must be an array-like of real numbers; got dtype {array.dtype}"
@@ -108,7 +133,9 @@ def check_array(
     Messages follow scikit-learn's wording.
     """
     tensor, kind = _to_tensor_any(X, name)
-    if tensor.is_complex() or tensor.dtype == torch.bool:
+    if tensor.is_complex():
+        raise _complex_error(X)
+    if tensor.dtype == torch.bool:
         raise TypeError(f"{name} must hold real numbers; got dtype {tensor.dtype}")
     if tensor.ndim != 2:
         if tensor.ndim == 1:
@@ -226,6 +253,7 @@ __all__ = [
     "check_init_array",
     "check_labels",
     "describe",
+    "reject_sparse",
     "resolve_device",
     "resolve_dtype",
 ]

@@ -18,10 +18,6 @@ from idefender_gpu.mixture import GaussianMixture  # noqa: E402
 
 #: Checks that cannot pass, and why.
 EXPECTED_FAILED = {
-    "check_complex_data": (
-        "complex input raises TypeError ('X must hold real numbers') from the shared "
-        "_validation.check_array, where scikit-learn expects ValueError('Complex data not supported')"
-    ),
     "check_dtype_object": (
         "object arrays are rejected by the shared _validation.check_array (no implicit "
         "conversion of Python objects to float), where scikit-learn converts numbers held as objects"

@@ -36,7 +36,6 @@ from idefender_gpu.mixture._core import (
     make_generator,
     padded,
     present_groups,
-    reject_sparse,
 )
 from idefender_gpu.mixture._inits import check_inits
 from idefender_gpu.mixture._sources import open_source
@@ -383,7 +382,6 @@ class _GaussianMixtureBase(_EstimatorParams):
     # -- scoring -----------------------------------------------------------------------
 
     def _check_X(self, X: Any, state: _FittedState) -> tuple[Tensor, ArrayKind]:
-        reject_sparse(X)
         return check_array(X, dtype=state.dtype, device=state.device,
                            estimator_name=type(self).__name__, n_features=self.n_features_in_)
 

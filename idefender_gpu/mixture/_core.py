@@ -22,7 +22,6 @@ initialisation. One host synchronisation per EM iteration (the convergence flags
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from numbers import Integral
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor
 
 from idefender_gpu import kernels
-from idefender_gpu._validation import ArrayKind, check_labels
+from idefender_gpu._validation import ArrayKind, check_labels, reject_sparse
 from idefender_gpu.mixture._backends import DenseEM
 
 logger = logging.getLogger("idefender_gpu.mixture")
@@ -449,21 +448,6 @@ class Request:
 
     def storage(self, device: torch.device) -> torch.device:
         return device if self.storage_device is None else torch.device(self.storage_device)
-
-
-def reject_sparse(X: Any, name: str = "X") -> None:
-    """scikit-learn's error for a SciPy sparse matrix or array (dense data required)."""
-    sparse = sys.modules.get("scipy.sparse")
-    if sparse is not None and sparse.issparse(X):
-        raise TypeError(
-            f"Sparse data was passed for {name}, but dense data is required. Use '.toarray()' "
-            "to convert to a dense numpy array."
-        )
-    if isinstance(X, Tensor) and X.layout != torch.strided:
-        raise TypeError(
-            f"Sparse data was passed for {name} (layout {X.layout}), but dense data is required. "
-            "Use '.to_dense()' to convert to a dense tensor."
-        )
 
 
 def peek(X: Any) -> tuple[Tensor, ArrayKind]:
