@@ -459,7 +459,7 @@ def test_not_a_detector_refused(tmp_path, saved, fitted):
     text.write_text("just some text, long enough to have an 8-byte header length")
     with pytest.raises(ValueError, match="not a complete safetensors file"):
         IDefender.load(text, model)
-    with pytest.raises(ValueError, match="holds a IDefender, not a MahalanobisDetector"):
+    with pytest.raises(ValueError, match="holds an IDefender, not a MahalanobisDetector"):
         MahalanobisDetector.load(saved, model)
     with pytest.raises(FileNotFoundError):
         IDefender.load(tmp_path / "missing.safetensors", model)

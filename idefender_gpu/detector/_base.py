@@ -17,6 +17,8 @@ file, and the class a sample is scored under.
 
 from __future__ import annotations
 
+import logging
+import time
 from numbers import Integral, Real
 from typing import Any, Iterable, Sequence
 
@@ -38,6 +40,8 @@ from idefender_gpu.features import (
     parse_layers,
 )
 
+
+logger = logging.getLogger("idefender_gpu.detector")
 __all__ = ["_DetectorBase"]
 
 
@@ -214,10 +218,18 @@ class _DetectorBase:
         data = data.cast(dtype)
         # A loop over layers (different D), never over classes: one batched fit per layer.
         # Inside data_parallel each fit is data-parallel over the ranks' hidden states.
-        densities = {spec: density_cls.fit(H, data.labels, data.n_classes, options)
-                     for spec, H in data.states.items()}
+        densities = {}
+        for spec, H in data.states.items():
+            start = time.perf_counter()
+            logger.info("fit: %s mixtures of %s, %d states x %d features ...", data.n_classes, spec,
+                        H.shape[0], H.shape[1])
+            densities[spec] = density_cls.fit(H, data.labels, data.n_classes, options)
+            logger.info("fit: %s mixtures done in %.1f s", spec, time.perf_counter() - start)
+        start = time.perf_counter()
+        logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
         thresholds = data.thresholds(lambda states: sum_log_density(densities, states, self.memory_budget),
                                      float(self.keep))
+        logger.info("fit: thresholds done in %.1f s", time.perf_counter() - start)
         # Everything succeeded: only now touch the fitted state.
         self._set_fitted(specs, densities, data.n_classes, data.input_shape, thresholds, self.keep)
         return self

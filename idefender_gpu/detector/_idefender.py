@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu import kernels
-from idefender_gpu._param_validation import InstanceOf, Interval, Options
+from idefender_gpu._param_validation import Interval
 from idefender_gpu.detector._base import _DetectorBase
+from idefender_gpu.mixture import BatchedGaussianMixture
 
 __all__ = ["IDefender"]
 
@@ -128,14 +128,11 @@ class IDefender(_DetectorBase):
     _density_name = "class_mixtures"
     _parameter_constraints: dict[str, list] = {
         **_DetectorBase._parameter_constraints,
-        "n_components": [Interval(Integral, 1, None, closed="left")],
-        "covariance_type": [Options(str, kernels.COVARIANCE_TYPES)],
-        "tol": [Interval(Real, 0.0, None, closed="left")],
+        # the mixture's own constraints (one source of truth), but at least one EM iteration
+        **{name: BatchedGaussianMixture._parameter_constraints[name]
+           for name in ("n_components", "covariance_type", "tol", "n_init", "init_params",
+                        "random_state")},
         "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "n_init": [Interval(Integral, 1, None, closed="left")],
-        "init_params": [Options(str, INIT_PARAMS)],
-        "random_state": [None, Interval(Integral, None, None, closed="neither"),
-                         InstanceOf(np.random.RandomState, np.random.Generator, torch.Generator)],
     }
 
     def __init__(

@@ -188,8 +188,9 @@ def parse_detector_record(config: dict[str, Any], tensors: dict[str, Tensor], *,
         if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
             raise ValueError(f"{where} is not a valid detector file: config field {key!r} is missing or malformed")
     if config["detector"] != detector or config["density"] != density:
-        raise ValueError(f"{where} holds a {config['detector']}, not a {detector}; load it with "
-                         f"{config['detector']}.load")
+        held = config["detector"]
+        raise ValueError(f"{where} holds {_article(held)} {held}, not {_article(detector)} {detector}; "
+                         f"load it with {held}.load")
     layers, widths = config["layers"], config["n_features"]
     if not layers or len(widths) != len(layers) or config["dtype"] not in DTYPES \
             or not all(isinstance(v, int) and v > 0 for v in [*widths, *config["input_shape"]]) \
@@ -202,3 +203,8 @@ def parse_detector_record(config: dict[str, Any], tensors: dict[str, Tensor], *,
     )
     thresholds = file_tensor(tensors, "thresholds", (header.n_classes,), header.dtype)
     return header, thresholds
+
+
+def _article(noun: str) -> str:
+    """'a' or 'an' before ``noun`` (by its first letter)."""
+    return "an" if noun[:1].lower() in "aeiou" else "a"
