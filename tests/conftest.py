@@ -182,3 +182,13 @@ class PicklePayload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests parametrised over the ``cuda`` device carry the ``gpu`` marker (``-m gpu`` selects
+    them on a GPU machine: ``benchmarks/gpu_check.sh``)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        values = callspec.params.values() if callspec else ()
+        if any(str(v) == "cuda" or str(v).startswith("cuda:") for v in values):
+            item.add_marker(pytest.mark.gpu)
