@@ -12,12 +12,14 @@ Importing this package imports torch only (never scikit-learn, pykeops or the mi
 detector stack).
 """
 
-from ._dense import (
+from ._chunks import (
     CUDA_FREE_FRACTION,
     DEFAULT_MEMORY_BUDGET,
     MIN_CHUNK_ROWS,
     chunk_rows,
     default_memory_budget,
+)
+from ._dense import (
     estimate_gaussian_parameters,
     estimate_log_prob_resp,
     log_gaussian_prob,
