@@ -951,3 +951,33 @@ def test_log_prob_empty_samples(covariance_type):
     t = TestDense().make_inputs(problem, torch.float64, "cpu")
     out = ker.log_gaussian_prob(t["X"][:, :0], t["means"], t["prec_chol"], covariance_type)
     assert out.shape == (3, 0, problem.means.shape[1])
+
+
+@pytest.mark.keops
+def test_keops_sliced_reduction_is_more_accurate_in_float32():
+    """The chunk axis of the KeOps M-step (issue 16, slow item 2) also shortens every
+    float32 running sum: against float64, N=100,000 in slices of 8192 is ~17x more
+    accurate than one reduction over all samples (1.4e-6 against 2.3e-5 for the counts)."""
+    if not _keops_available():
+        pytest.skip("pykeops is not installed")
+    from idefender_gpu.kernels import _keops
+
+    g = torch.Generator().manual_seed(7)
+    G, N, K, D = 1, 100_000, 16, 5  # D=5 full float32: the formula of the test above
+    X = torch.randn(G, N, D, generator=g)
+    means = torch.randn(G, K, D, generator=g)
+    log_weights = torch.log_softmax(torch.randn(G, K, generator=g), -1)
+    A = torch.randn(G, K, D, D, generator=g)
+    prec_chol, _ = ker.compute_prec_chol(A @ A.mT + torch.eye(D), "full")
+    norm = ker.log_prob_norm(X, log_weights, means, prec_chol, "full")
+    expected = ker.m_step_statistics(X.double(), norm.double(), log_weights.double(),
+                                     means.double(), prec_chol.double(), "full", 1e-6)
+
+    def error(rows_per_slice):
+        out = _keops.m_step_statistics(X, norm, log_weights, means, prec_chol, "full", 1e-6,
+                                       rows_per_slice=rows_per_slice)
+        return max(float(((o.double() - e).abs() / e.abs().clamp_min(1)).max())
+                   for o, e in zip(out, expected))
+
+    sliced, whole = error(None), error(N)
+    assert sliced < 2e-5 and 4 * sliced < whole, (sliced, whole)
