@@ -237,10 +237,11 @@ def sufficient_statistics(
     K = means.shape[1]
     rows = max(1, min(N, REDUCTION_ROWS if rows_per_slice is None else int(rows_per_slice)))
     n_slices = -(-N // rows) if N else 1
-    # padding rows: zero samples whose log p(x) is +inf, so their responsibilities are 0
+    # padding rows: zero samples whose log p(x) is the largest finite value, so their
+    # responsibilities underflow to 0 (no infinity, whatever math flags KeOps compiles with)
     Xs = _sliced(X, n_slices, rows, 0.0)  # (G, S, n, D)
     weighted, x_i, mu_j = _weighted_log_prob(Xs, log_weights, means, prec_chol, covariance_type)
-    norm_s = _sliced(log_prob_norm, n_slices, rows, float("inf"))  # (G, S, n)
+    norm_s = _sliced(log_prob_norm, n_slices, rows, torch.finfo(X.dtype).max)  # (G, S, n)
     log_norm_i = LazyTensor(norm_s.reshape(G, n_slices, rows, 1, 1).contiguous())
     # the sample weight is always a variable (ones when omitted): one formula per
     # covariance type and dtype, whether or not a fit pads its groups
