@@ -98,7 +98,12 @@ class _DetectorBase:
     def _min_per_class(self) -> int:
         return 1
 
-    def _scoring_class(self, logits: Tensor, log_density: Tensor) -> Tensor:
+    def _scores_all_classes(self) -> bool:
+        """Whether :meth:`_scoring_class` needs the log-density of every class (else it is
+        called with ``log_density=None`` and only the scored class is evaluated)."""
+        return False
+
+    def _scoring_class(self, logits: Tensor, log_density: Tensor | None) -> Tensor:
         """The class each sample is scored under, ``(B,)``: the classifier's prediction."""
         return logits.argmax(-1)
 
@@ -147,10 +152,11 @@ class _DetectorBase:
             self.thresholds_ = self.thresholds_.to(device)
         return self._densities
 
-    def _layers_log_density(self, states: dict[str, Tensor]) -> Tensor:
-        """Sum over layers of ``log p(h_layer | c)``: ``(B, n_classes)``."""
+    def _layers_log_density(self, states: dict[str, Tensor], classes: Tensor | None = None) -> Tensor:
+        """Sum over layers of ``log p(h_layer | c)``: ``(B, n_classes)``, or under ``classes``
+        ``(B,)`` / ``(B, m)`` only (same shape as ``classes``)."""
         first = next(iter(states.values()))
-        return sum_log_density(self._densities_on(first.device), states, self.memory_budget)
+        return sum_log_density(self._densities_on(first.device), states, self.memory_budget, classes)
 
     # -- public API --------------------------------------------------------------------
 
@@ -227,8 +233,9 @@ class _DetectorBase:
             logger.info("fit: %s mixtures done in %.1f s", spec, time.perf_counter() - start)
         start = time.perf_counter()
         logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
-        thresholds = data.thresholds(lambda states: sum_log_density(densities, states, self.memory_budget),
-                                     float(self.keep))
+        thresholds = data.thresholds(
+            lambda states, classes: sum_log_density(densities, states, self.memory_budget, classes),
+            float(self.keep))
         logger.info("fit: thresholds done in %.1f s", time.perf_counter() - start)
         # Everything succeeded: only now touch the fitted state.
         self._set_fitted(specs, densities, data.n_classes, data.input_shape, thresholds, self.keep)
@@ -311,48 +318,65 @@ class _DetectorBase:
         x : Tensor of shape (B, ...)
             Inputs shaped like the training inputs; moved to the model's device and
             floating dtype (differentiably).
-        classes : Tensor of int, shape (B,), optional
-            One class per sample.
+        classes : Tensor of int, shape (B,) or (B, m), optional
+            One class per sample, or ``m`` classes per sample: only those classes'
+            densities are evaluated (their parameters gathered per class segment of the
+            batch), the same numbers as the matching entries of the all-class result.
 
         Returns
         -------
-        log_density : Tensor of shape (B, n_classes), or (B,) with ``classes``
-            In the dtype of the fitted densities, on the model's device.
+        log_density : Tensor of shape (B, n_classes), or shaped like ``classes``
+            In the dtype of the fitted densities, on the model's device. All classes are
+            evaluated in blocks of classes (bounded memory).
 
         Raises
         ------
         NotFittedError
             Before :meth:`fit`.
         ValueError
-            If ``x`` is not shaped ``(B, *input_shape_)``, or ``classes`` is not ``(B,)``
-            in ``[0, n_classes)`` (checking the range is this method's one host
-            synchronisation).
+            If ``x`` is not shaped ``(B, *input_shape_)``, or ``classes`` is not ``(B,)`` or
+            ``(B, m)`` in ``[0, n_classes)`` (checking the range is a host synchronisation).
         """
         self._check_is_fitted()
         x = self._check_x(x)
+        if classes is not None:
+            classes = self._check_classes(classes, x.shape[0])
         _, states = self._forward(x, keep_graph=True)
-        log_density = self._layers_log_density(states)  # (B, C)
-        if classes is None:
-            return log_density
+        if classes is not None:
+            classes = classes.to(device=next(iter(states.values())).device)
+        return self._layers_log_density(states, classes)
+
+    def _check_classes(self, classes: Any, n_samples: int) -> Tensor:
+        """``classes`` as int64 ``(B,)`` or ``(B, m)`` in ``[0, n_classes)``."""
         if not isinstance(classes, Tensor) or classes.is_floating_point() or classes.is_complex() \
                 or classes.dtype == torch.bool:
-            raise TypeError(f"classes must be an integer Tensor of shape ({x.shape[0]},); got {classes!r}")
-        if tuple(classes.shape) != (x.shape[0],):
-            raise ValueError(f"classes must have shape ({x.shape[0]},) to match x; got shape {tuple(classes.shape)}")
-        classes = classes.to(device=log_density.device, dtype=torch.int64)
-        if bool(((classes < 0) | (classes >= self.n_classes_)).any()):
+            raise TypeError(f"classes must be an integer Tensor of shape ({n_samples},) or ({n_samples}, m); "
+                            f"got {classes!r}")
+        if classes.ndim not in (1, 2) or classes.shape[0] != n_samples:
+            raise ValueError(f"classes must have shape ({n_samples},) or ({n_samples}, m) to match x; got "
+                             f"shape {tuple(classes.shape)}")
+        classes = classes.to(dtype=torch.int64)
+        if classes.numel() and bool(((classes < 0) | (classes >= self.n_classes_)).any()):
             raise ValueError(f"classes must be class labels in [0, {self.n_classes_}); got {classes.tolist()}")
-        return log_density.gather(1, classes.unsqueeze(1)).squeeze(1)  # (B,)
+        return classes
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(predicted class, score, class scored under)``, each ``(B,)``, without gradients."""
+        """``(predicted class, score, class scored under)``, each ``(B,)``, without gradients.
+
+        Only the scored class's density is evaluated, unless the scoring class itself
+        needs every class (:meth:`_scores_all_classes`).
+        """
         self._check_is_fitted()
         x = self._check_x(x)
         with torch.no_grad():
             logits, states = self._forward(x, keep_graph=False)
-            log_density = self._layers_log_density(states)  # (B, C)
-            scored = self._scoring_class(logits, log_density)  # (B,)
-            score = log_density.gather(1, scored.unsqueeze(1)).squeeze(1)  # (B,)
+            if self._scores_all_classes():
+                log_density = self._layers_log_density(states)  # (B, C)
+                scored = self._scoring_class(logits, log_density)  # (B,)
+                score = log_density.gather(1, scored.unsqueeze(1)).squeeze(1)  # (B,)
+            else:
+                scored = self._scoring_class(logits, None)  # (B,)
+                score = self._layers_log_density(states, scored)  # (B,)
         return logits.argmax(-1), score, scored
 
     def score(self, x: Tensor) -> Tensor:

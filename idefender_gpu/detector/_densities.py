@@ -10,14 +10,25 @@ uses: no second copy of the math), differentiably with respect to ``h``:
   covariance shared by all classes, evaluated as a single group whose ``K`` components are
   the classes with the kernel's ``'tied'`` covariance; ``log p(h | c) = log N(h | μ_c, Σ)``.
 
-Both expose ``fit(H, labels, n_classes, options)``, ``log_prob(h) -> (B, n_classes)``,
+Both expose ``fit(H, labels, n_classes, options)``, ``log_prob(h) -> (B, n_classes)``
+(every class, in blocks of classes: bounded memory), ``log_prob_classes(h, classes)``
+(one or several given classes per sample: only their parameters are read),
 ``tensors()`` / ``from_tensors()`` for the file format (with shape checks), ``to(device)``
 and ``data_parallel`` (whether ``fit`` works inside ``data_parallel``).
 :func:`sum_log_density` sums the layers' log-densities.
+
+Scoring under given classes (:func:`class_tiles`): the ``P`` (sample, class) pairs are
+sorted by class and cut into tiles of ``m = ceil(P / n_present)`` rows that each hold
+pairs of ONE class (zero rows pad a class's last tile). The tiles are the groups of one
+batched kernel call, each with its class's parameters gathered: no Python loop over
+samples or classes, at most ``P + n_present (m - 1) < 2P`` rows and at most
+``2 n_present`` gathered parameter sets, whatever the class balance of the batch. Tiles
+are processed in blocks that keep the gathered parameters under the memory budget.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,23 +39,119 @@ from idefender_gpu import kernels
 from idefender_gpu.detector._io import file_tensor
 from idefender_gpu.mixture import BatchedGaussianMixture
 
-__all__ = ["ClassMixtures", "DENSITIES", "SharedCovarianceGaussians", "sum_log_density"]
+_LOG_2PI = math.log(2 * math.pi)
+
+__all__ = ["ClassMixtures", "ClassTiles", "DENSITIES", "SharedCovarianceGaussians", "class_tiles",
+           "sum_log_density"]
 
 
 def sum_log_density(densities: dict[str, Any], states: dict[str, Tensor],
-                    memory_budget: int | None) -> Tensor:
-    """``Σ_layers log p(h_layer | c)`` (layers independent given the class): ``(B, n_classes)``.
+                    memory_budget: int | None, classes: Tensor | None = None) -> Tensor:
+    """``Σ_layers log p(h_layer | c)`` (layers independent given the class).
 
-    Each layer's states ``(B, D)`` are cast to its density's dtype (differentiably).
+    ``(B, n_classes)`` for every class, or, with ``classes`` ``(B,)`` / ``(B, m)`` (int64,
+    in range), ``(B,)`` / ``(B, m)`` under those classes only. Each layer's states
+    ``(B, D)`` are cast to its density's dtype (differentiably).
     """
     total = None
+    tiles = None
     for spec, density in densities.items():
         h = states[spec]
         if h.dtype != density.means.dtype:
             h = h.to(density.means.dtype)
-        log_prob = density.log_prob(h, memory_budget)  # (B, C)
+        if classes is None:
+            log_prob = density.log_prob(h, memory_budget)  # (B, C)
+        else:
+            if tiles is None:  # one layout for every layer
+                tiles = class_tiles(classes, density.means.shape[0])
+            log_prob = density.log_prob_classes(h, tiles, memory_budget)  # (B,) or (B, m)
         total = log_prob if total is None else total + log_prob
     return total
+
+
+def _budget(memory_budget: int | None, device: torch.device) -> int:
+    return kernels.default_memory_budget(device) if memory_budget is None else int(memory_budget)
+
+
+@dataclass(frozen=True)
+class ClassTiles:
+    """The layout of (sample, class) pairs in single-class tiles (see the module docstring).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``classes.shape``: ``(B,)`` or ``(B, m)``; the result is reshaped to it.
+    sample : Tensor of int64, shape (P,)
+        The sample of each pair (``P = classes.numel()``, row-major order).
+    position : Tensor of int64, shape (P,)
+        Each pair's row in the flattened ``(T * rows, ...)`` tiles.
+    tile_class : Tensor of int64, shape (T,)
+        The class of each tile.
+    rows : int
+        Rows per tile.
+    """
+
+    shape: tuple[int, ...]
+    sample: Tensor
+    position: Tensor
+    tile_class: Tensor
+    rows: int
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.tile_class.shape[0])
+
+    def layout(self, h: Tensor) -> Tensor:
+        """``h (B, D)`` -> ``(T, rows, D)`` tiles, zero padding (differentiable)."""
+        D = h.shape[-1]
+        flat = h.new_zeros(self.n_tiles * self.rows, D)
+        flat = flat.index_copy(0, self.position, h[self.sample])  # out of place: autograd-safe
+        return flat.view(self.n_tiles, self.rows, D)
+
+    def unlayout(self, values: Tensor) -> Tensor:
+        """``(T, rows)`` per-row values -> the pairs' values, shaped like ``classes``."""
+        return values.reshape(-1)[self.position].reshape(self.shape)
+
+
+def class_tiles(classes: Tensor, n_classes: int) -> ClassTiles:
+    """Lay the (sample, class) pairs of ``classes`` ``(B,)`` or ``(B, m)`` out in tiles.
+
+    One host synchronisation (the number of tiles). ``classes`` must be int64 in
+    ``[0, n_classes)``.
+    """
+    shape = tuple(classes.shape)
+    flat = classes.reshape(-1)
+    device = flat.device
+    P = flat.shape[0]
+    per = 1 if len(shape) == 1 else shape[1]
+    sample = torch.arange(P, device=device) // max(1, per)
+    counts = torch.bincount(flat, minlength=n_classes)  # (C,)
+    n_present = max(1, int((counts > 0).sum()))
+    rows = max(1, -(-P // n_present))
+    tiles = (counts + rows - 1) // rows  # (C,)
+    tile_start = torch.cumsum(tiles, 0) - tiles  # (C,)
+    offsets = torch.cumsum(counts, 0) - counts  # (C,)
+    order = torch.argsort(flat, stable=True)  # (P,) pairs by class
+    sorted_class = flat[order]
+    rank = torch.arange(P, device=device) - offsets[sorted_class]  # rank of the pair in its class
+    position = torch.empty_like(order)
+    position[order] = (tile_start[sorted_class] + rank // rows) * rows + rank % rows
+    tile_class = torch.repeat_interleave(torch.arange(n_classes, device=device), tiles)  # (T,)
+    return ClassTiles(shape, sample, position, tile_class, rows)
+
+
+def _tile_blocks(n_tiles: int, bytes_per_tile: int, memory_budget: int | None,
+                 device: torch.device) -> list[slice]:
+    """Blocks of tiles whose gathered parameters and intermediates fit the budget."""
+    per_block = max(1, _budget(memory_budget, device) // max(1, bytes_per_tile))
+    return [slice(start, min(start + per_block, n_tiles)) for start in range(0, n_tiles, per_block)]
+
+
+def _class_blocks(n_classes: int, bytes_per_class: int, memory_budget: int | None,
+                  device: torch.device) -> list[slice]:
+    """Blocks of classes whose parameters (as the kernel lays them out) fit the budget."""
+    per_block = max(1, _budget(memory_budget, device) // max(1, bytes_per_class))
+    return [slice(start, min(start + per_block, n_classes)) for start in range(0, n_classes, per_block)]
 
 
 @dataclass(frozen=True)
@@ -74,12 +181,42 @@ class ClassMixtures:
         mixture = BatchedGaussianMixture(**options).fit(H, labels)
         return cls(mixture.weights_, mixture.means_, mixture.precisions_cholesky_, options["covariance_type"])
 
+    def _param_bytes(self) -> int:
+        """Bytes of one class's parameters."""
+        C = self.means.shape[0]
+        return (self.means[:1].numel() + self.prec_chol.numel() // C + self.weights.shape[1]) \
+            * self.means.element_size()
+
+    def _block_log_prob(self, h: Tensor, block: slice, memory_budget: int | None) -> Tensor:
+        """``log p(h | c)`` for the classes of ``block``: ``(B, block size)``."""
+        log_prob = kernels.log_gaussian_prob(h, self.means[block], self.prec_chol[block],
+                                             self.covariance_type, memory_budget=memory_budget)  # (Cb, B, K)
+        log_prob = log_prob + self.weights[block].log().unsqueeze(-2)  # (Cb, B, K)
+        return torch.logsumexp(log_prob, dim=-1).mT  # (B, Cb)
+
     def log_prob(self, h: Tensor, memory_budget: int | None = None) -> Tensor:
-        """``log p(h | c)`` for every class: ``h (B, D)`` -> ``(B, n_classes)``."""
-        log_prob = kernels.log_gaussian_prob(h, self.means, self.prec_chol, self.covariance_type,
-                                             memory_budget=memory_budget)  # (C, B, K)
-        log_prob = log_prob + self.weights.log().unsqueeze(-2)  # (C, B, K)
-        return torch.logsumexp(log_prob, dim=-1).mT  # (B, C)
+        """``log p(h | c)`` for every class: ``h (B, D)`` -> ``(B, n_classes)``.
+
+        In blocks of classes whose parameters fit ``memory_budget`` (one block when all do).
+        """
+        blocks = _class_blocks(self.means.shape[0], self._param_bytes(), memory_budget, h.device)
+        if len(blocks) == 1:
+            return self._block_log_prob(h, slice(None), memory_budget)
+        return torch.cat([self._block_log_prob(h, block, memory_budget) for block in blocks], dim=1)
+
+    def log_prob_classes(self, h: Tensor, tiles: ClassTiles, memory_budget: int | None = None) -> Tensor:
+        """``log p(h_b | c)`` under the classes of ``tiles`` only (:func:`class_tiles`)."""
+        X = tiles.layout(h)  # (T, rows, D)
+        K, D = self.means.shape[1:]
+        tile_bytes = self._param_bytes() + 2 * tiles.rows * K * D * h.element_size()
+        out = []
+        for block in _tile_blocks(tiles.n_tiles, tile_bytes, memory_budget, h.device):
+            cls = tiles.tile_class[block]  # (Tb,)
+            log_prob = kernels.log_gaussian_prob(X[block], self.means[cls], self.prec_chol[cls],
+                                                 self.covariance_type, memory_budget=memory_budget)  # (Tb, rows, K)
+            log_prob = log_prob + self.weights[cls].log().unsqueeze(-2)
+            out.append(torch.logsumexp(log_prob, dim=-1))  # (Tb, rows)
+        return tiles.unlayout(out[0] if len(out) == 1 else torch.cat(out))
 
     @property
     def n_features(self) -> int:
@@ -139,9 +276,29 @@ class SharedCovarianceGaussians:
         return cls(means[0], prec_chol[0])
 
     def log_prob(self, h: Tensor, memory_budget: int | None = None) -> Tensor:
-        """``log N(h | μ_c, Σ)`` for every class: ``h (B, D)`` -> ``(B, n_classes)``."""
+        """``log N(h | μ_c, Σ)`` for every class: ``h (B, D)`` -> ``(B, n_classes)``.
+
+        The classes share one factor, so all of them take one ``(B, D) @ (D, D)`` product
+        and the kernel's chunks of samples bound the memory.
+        """
         return kernels.log_gaussian_prob(h, self.means.unsqueeze(0), self.prec_chol.unsqueeze(0), "tied",
                                          memory_budget=memory_budget)[0]  # (B, C)
+
+    def log_prob_classes(self, h: Tensor, tiles: ClassTiles, memory_budget: int | None = None) -> Tensor:
+        """``log N(h_b | μ_c, Σ)`` under the classes of ``tiles`` only.
+
+        ``‖(h - c̄) P - (μ_c - c̄) P‖²`` with ``c̄`` the mean of the class means (as the
+        all-class kernel centres), one product for the samples and one gathered row per
+        pair; the tiles' layout is not needed (the factor is shared).
+        """
+        D = self.means.shape[-1]
+        centre = self.means.detach().mean(0, keepdim=True)  # (1, D)
+        y = (h - centre) @ self.prec_chol  # (B, D)
+        mu_prec = (self.means - centre) @ self.prec_chol  # (C, D)
+        flat_class = tiles.tile_class[tiles.position // tiles.rows]  # (P,) the class of each pair
+        maha = (y[tiles.sample] - mu_prec[flat_class]).square().sum(-1)  # (P,)
+        log_det = kernels.log_det_prec_chol(self.prec_chol.unsqueeze(0), "tied", D)[0]
+        return (-0.5 * (D * _LOG_2PI + maha) + log_det).reshape(tiles.shape)
 
     @property
     def n_features(self) -> int:

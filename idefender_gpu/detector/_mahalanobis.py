@@ -107,7 +107,10 @@ class MahalanobisDetector(_DetectorBase):
     def _config(self) -> dict[str, Any]:
         return {"reg_covar": float(self.reg_covar), "score_class": self.score_class}
 
-    def _scoring_class(self, logits: Tensor, log_density: Tensor) -> Tensor:
+    def _scores_all_classes(self) -> bool:
+        return self.score_class == "closest"  # the closest class needs every class's density
+
+    def _scoring_class(self, logits: Tensor, log_density: Tensor | None) -> Tensor:
         if self.score_class == "closest":
             return log_density.argmax(-1)
         return logits.argmax(-1)

@@ -106,7 +106,8 @@ class LabelledStates:
         Parameters
         ----------
         log_density : callable
-            ``states -> (N, n_classes)`` log-densities; run without gradients.
+            ``(states, classes (N,)) -> (N,)`` log-densities under the given classes (the
+            true ones here: no other class is evaluated); run without gradients.
         keep : float in (0, 1]
 
         Returns
@@ -117,7 +118,7 @@ class LabelledStates:
         setting = self.setting
         guard = setting.guard(f"scoring its {_DATA[self.what]} data") if setting else nullcontext()
         with guard, torch.no_grad():
-            scores = log_density(self.states).gather(1, self.labels.unsqueeze(1)).squeeze(1)  # (N,)
+            scores = log_density(self.states, self.labels)  # (N,) under the true classes
         labels = self.labels
         if setting is not None:  # one score and one label per sample: exact order statistics
             scores = setting.gather_rows(scores, "gathering the training scores")
