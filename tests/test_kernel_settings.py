@@ -270,3 +270,32 @@ def test_settings_docstring_examples_run():
 
     result = doctest.testmod(_settings, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0, result
+
+
+# --------------------------------------------------------------------------------------
+# The same accuracy on the real device (TF32 for real on a CUDA GPU; CPU: float32)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_kernels_under_allow_tf32_on_the_device(covariance_type, device):
+    """Under :func:`allow_tf32` on the device: the E-step and the M-step means keep the
+    TF32 bound with data 100σ from the origin (on CPU the flag changes nothing)."""
+    X, means, prec_chol, expected = _problem(covariance_type, 100.0, seed=4)
+    resp = torch.softmax(expected, -1)
+    expected_means = ker.estimate_gaussian_parameters(X.double(), resp, 1e-3, covariance_type)[1]
+    X, means, prec_chol = X.to(device), means.to(device), prec_chol.to(device)
+    with ker.allow_tf32():
+        log_prob = ker.log_gaussian_prob(X, means, prec_chol, covariance_type)
+        new_means = ker.estimate_gaussian_parameters(X, resp.float().to(device), 1e-3,
+                                                     covariance_type)[1]
+    assert _rel_error(log_prob.cpu(), expected) <= TF32_BOUND[covariance_type]
+    assert float((new_means.cpu().double() - expected_means).abs().max()) < 1e-3
+
+
+def test_default_budget_on_the_device(device):
+    budget = ker.default_memory_budget(device)
+    assert budget >= ker.DEFAULT_MEMORY_BUDGET[device.type]
+    if device.type == "cuda":  # a real query of the free memory
+        free, total = torch.cuda.mem_get_info(device)
+        assert budget <= max(ker.DEFAULT_MEMORY_BUDGET["cuda"], total)

@@ -406,3 +406,15 @@ def test_non_finite_variances_are_flagged(covariance_type, bad_value):
     for convert in (ker.compute_prec_chol, ker.prec_chol_from_precisions):
         _, info = convert(t64(cov), covariance_type)
         torch.testing.assert_close(info != 0, expected_failures(covariance_type))
+
+
+@pytest.mark.parametrize("covariance_type", MATRIX_TYPES)
+def test_nan_covariance_is_flagged_on_every_device(covariance_type, device):
+    """The real factorisation of the device (LAPACK on CPU, cuSOLVER on CUDA) on a NaN
+    covariance: flagged in ``info`` either way (on CUDA this checks issue 16 item 7 for real)."""
+    cov = t64(covariances_with_one_failure(covariance_type, bad_value=0.5)).to(device)
+    where = (BAD_GROUP, BAD_COMPONENT) if covariance_type == "full" else (BAD_GROUP,)
+    cov[where + (1, 1)] = float("nan")
+    for dtype in (torch.float32, torch.float64):
+        _, info = ker.compute_prec_chol(cov.to(dtype), covariance_type)
+        torch.testing.assert_close((info != 0).cpu(), expected_failures(covariance_type))
