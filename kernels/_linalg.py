@@ -186,18 +186,18 @@ def log_det_prec_chol(prec_chol: Tensor, covariance_type: str, n_features: int) 
 
 
 def _not_psd_message(where: str, dtype: torch.dtype) -> str:
+    """scikit-learn's message, verbatim, then where the factorisation failed."""
     message = (
-        f"Fitting the mixture model failed because some components have ill-defined "
-        f"empirical covariance (for instance caused by singleton or collapsed samples): "
-        f"the covariance of {where} is not positive definite. Try to decrease the number "
-        f"of components, increase reg_covar, or scale the input data."
+        "Fitting the mixture model failed because some components have ill-defined "
+        "empirical covariance (for instance caused by singleton or collapsed samples). "
+        "Try to decrease the number of components, increase reg_covar, or scale the input data."
     )
     if dtype in (torch.float32, torch.float16, torch.bfloat16):
         message += (
             " The numerical accuracy can also be improved by passing float64 data "
             "instead of float32."
         )
-    return message
+    return message + f" (The covariance of {where} is not positive definite.)"
 
 
 def check_cholesky_info(

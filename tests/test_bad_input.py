@@ -517,11 +517,6 @@ def test_more_features_than_samples(covariance_type):
     np.testing.assert_allclose(batched.means_[1], model.means_, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the NotPSDError message is built in kernels/_linalg._not_psd_message (not the mixture's "
-    "file): it inserts ': the covariance of group g, component k is not positive definite' "
-    "inside scikit-learn's sentence; it should keep scikit-learn's text verbatim and append "
-    "where it failed"))
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_ill_defined_covariance_message_starts_with_sklearns(covariance_type, dtype):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import warnings
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from idefender_gpu import kernels
 from idefender_gpu.bench.timing import available_memory_bytes
 from idefender_gpu.bench.workloads import BenchData, Workload, precisions_init
 from idefender_gpu.mixture import BatchedGaussianMixture
@@ -130,8 +132,7 @@ def _auto_group_block(workload: Workload, device: torch.device) -> int:
         return w.n_groups
     free, _ = torch.cuda.mem_get_info(device)
     n_max = -(-w.n_samples // w.n_groups) * 1.1
-    cov = {"full": w.n_components * w.n_features**2, "tied": w.n_features**2,
-           "diag": w.n_components * w.n_features, "spherical": w.n_components}[w.covariance_type]
+    cov = math.prod(kernels.precision_shape(w.covariance_type, None, w.n_components, w.n_features))
     # ~10 parameter-sized arrays (covariances, factors, M-step temporaries, inits) and a few
     # copies of the padded samples, in float32.
     per_group = 4 * (10 * cov + 4 * n_max * w.n_features + 4 * n_max * w.n_components)

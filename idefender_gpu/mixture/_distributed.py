@@ -195,9 +195,8 @@ class _LocalStream:
 
 
 def _statistics_shapes(G: int, K: int, D: int, covariance_type: str) -> list[tuple[int, ...]]:
-    """Shapes of ``(counts, first, second, log_lik)`` of :func:`kernels.shifted_statistics`."""
-    second = {"full": (G, K, D, D), "tied": (G, D, D), "diag": (G, K, D), "spherical": (G, K, D)}
-    return [(G, K), (G, K, D), second[covariance_type], (G,)]
+    """Shapes of ``(counts, first, second, log_lik)``: :func:`kernels.statistics_shapes` + ``(G,)``."""
+    return [*kernels.statistics_shapes(covariance_type, G, K, D), (G,)]
 
 
 class DistributedSource:

@@ -17,11 +17,6 @@ from idefender_gpu import kernels
 from idefender_gpu._validation import _to_tensor_any, describe
 
 
-def precision_shape(covariance_type: str, G: int, K: int, D: int) -> tuple[int, ...]:
-    """Shape of ``precisions_init`` (and ``covariances_``) with a leading G."""
-    return {"full": (G, K, D, D), "tied": (G, D, D), "diag": (G, K, D), "spherical": (G, K)}[covariance_type]
-
-
 def _as_tensor(value: Any, name: str, sk_name: str, shape: tuple[int, ...], dtype: torch.dtype,
                device: torch.device) -> Tensor:
     """``value`` as a tensor of ``shape`` (scikit-learn's ``check_array`` + ``_check_shape``).
@@ -92,7 +87,7 @@ def check_inits(weights_init: Any, means_init: Any, precisions_init: Any, *, cov
         means = _as_tensor(means_init, "means_init", "means", user((G, K, D)), dtype, device)
         out["means"] = means.reshape(G, K, D)
     if precisions_init is not None:
-        shape = precision_shape(covariance_type, G, K, D)
+        shape = kernels.precision_shape(covariance_type, G, K, D)
         precisions = _as_tensor(precisions_init, "precisions_init", f"{covariance_type} precision",
                                 user(shape), dtype, device).reshape(shape)
         if covariance_type in ("full", "tied"):
