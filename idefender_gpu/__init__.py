@@ -19,8 +19,7 @@ idefender_gpu.distributed
     and ``IDefender.fit`` run data-parallel on ``torch.distributed``, one shard per rank.
 """
 
-import importlib
-from typing import Any
+from idefender_gpu._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -37,14 +36,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [

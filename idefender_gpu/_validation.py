@@ -179,45 +179,6 @@ def check_array(
     return tensor, kind
 
 
-def check_init_array(
-    value: Any,
-    *,
-    name: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """Validate a user-provided initial parameter (``weights_init``, ...).
-
-    NumPy arrays and sequences are cast to the compute dtype. Tensors must already have
-    the compute dtype (``TypeError``) and device (``ValueError``): nothing is cast or
-    moved silently.
-    """
-    if isinstance(value, Tensor):
-        if value.dtype != dtype:
-            raise TypeError(
-                f"{name} must have dtype {dtype} (the dtype the model is fitted in); got "
-                f"{describe(value)}"
-            )
-        if value.device != device:
-            raise ValueError(
-                f"{name} must be on device {device} (the device the model is fitted on); "
-                f"got {describe(value)}"
-            )
-        tensor = value
-    else:
-        tensor, _ = _to_tensor_any(value, name)
-        tensor = tensor.to(device=device, dtype=dtype)
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(
-            f"The parameter '{name}' should have the shape of {tuple(shape)}, but got "
-            f"{tuple(tensor.shape)}"
-        )
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} must be finite; got NaN or infinity ({describe(tensor)})")
-    return tensor
-
-
 def check_labels(y: Any, n_samples: int, device: torch.device, n_groups: int | None) -> Tensor:
     """Validate group labels: ``(n_samples,)`` integers in ``[0, n_groups)``.
 
@@ -250,7 +211,6 @@ def check_labels(y: Any, n_samples: int, device: torch.device, n_groups: int | N
 __all__ = [
     "ArrayKind",
     "check_array",
-    "check_init_array",
     "check_labels",
     "describe",
     "reject_sparse",

@@ -23,8 +23,7 @@ mode needs ``SCIPY_ARRAY_API=1`` before SciPy is imported, which the command set
 itself if SciPy was already loaded).
 """
 
-import importlib
-from typing import Any
+from idefender_gpu._lazy import lazy_exports
 
 # Public names resolved on first use (PEP 562): ``idefender-gpu`` builds its parser from
 # :mod:`.cli` without importing torch, NumPy or SciPy (before ``SCIPY_ARRAY_API`` is set).
@@ -43,14 +42,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [
