@@ -50,7 +50,8 @@ def small_run(tmp_path_factory):
     try:
         code = main(["reproduce", "blackbox", "--dataset", "fashion-mnist", "--data", str(DEBIAN_DIR),
                      "--out", str(out / "results"), "--cache", str(out / "cache"), "--seed", "0",
-                     "--epochs", "1", "--n-train", "300", "--n-test", "150", "--holdout", "50", "--n-other", "40",
+                     "--epochs", "1", "--n-train", "300", "--n-test", "200", "--holdout", "50", "--n-holdout", "50",
+                     "--n-other", "40",
                      "--n-calibrate", "300", "--device", "cpu", "--no-progress", "--no-download"])
     finally:
         torch.set_num_threads(threads)

@@ -18,7 +18,7 @@ import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ import idefender_gpu
 from idefender_gpu.data import DATASETS, cache_dir
 from idefender_gpu.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 
-__all__ = ["PhaseTimer", "batches", "check_device", "detection", "display_path", "logger", "machine_info",
+__all__ = ["PhaseTimer", "batches", "check_device", "craft", "detection", "display_path", "logger", "machine_info",
            "progress_bar", "rate", "roc"]
 
 logger = logging.getLogger("idefender_gpu.experiments")
@@ -87,6 +87,15 @@ def progress_bar(iterable: Iterable, desc: str, progress: bool | None, total: in
     """A tqdm bar (``progress`` None: only when stderr is a terminal)."""
     return tqdm(iterable, desc=desc, total=total, disable=None if progress is None else not progress,
                 leave=False, unit=unit)
+
+
+def craft(attack: Callable, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
+           desc: str, progress: bool | None) -> Tensor:
+    """Adversarial versions of ``x`` batch by batch, on ``device`` (returned on ``device``)."""
+    parts = []
+    for sl in progress_bar(batches(x.shape[0], batch_size), desc, progress):
+        parts.append(attack(x[sl].to(device), y[sl].to(device)))
+    return torch.cat(parts)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -49,6 +49,7 @@ from idefender_gpu.experiments._common import (
     PhaseTimer,
     batches,
     check_device,
+    craft,
     detection,
     display_path,
     logger,
@@ -57,6 +58,7 @@ from idefender_gpu.experiments._common import (
     rate,
     roc,
 )
+from idefender_gpu.experiments._ablation import run_ablation
 from idefender_gpu.experiments.paper import fgsm_paper_auc
 from idefender_gpu.features import parse_layers
 from idefender_gpu.models import build_model, evaluate, load_or_train, load_or_train_substitute
@@ -189,6 +191,11 @@ class BlackboxConfig:
     holdout : int
         Test images given to the attacker (``substitute='jacobian'``) and left out of the
         evaluation.
+    n_holdout : int
+        The last ``n_holdout`` test images in use calibrate the ID-95 / ID-99 thresholds
+        (held-out natural data, so the nominal false-reject rate holds on new inputs) and
+        are left out of the evaluation; 0: thresholds from the training data only. The
+        training-data thresholds' detection rates are reported beside (``*_train``).
     layers : tuple of str
         Hidden states of F the detectors model (see the report's notes).
     n_components, covariance_type, reg_covar
@@ -220,6 +227,7 @@ class BlackboxConfig:
     cache: str | None = None
     substitute: str = "jacobian"
     holdout: int = 150
+    n_holdout: int = 1000
     layers: tuple[str, ...] = ("conv2",)
     n_components: int = 1
     covariance_type: str = "full"
@@ -242,6 +250,7 @@ class BlackboxConfig:
         "cache": [None, InstanceOf(str, os.PathLike)],
         "substitute": [Options(str, {"jacobian", "trained"})],
         "holdout": [Interval(Integral, 0, None)],
+        "n_holdout": [Interval(Integral, 0, None)],
         "layers": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
                              and all(isinstance(x, str) for x in v), "a non-empty tuple of str")],
         "n_components": [Interval(Integral, 1, None)],
@@ -286,6 +295,12 @@ class BlackboxConfig:
                 raise ValueError(f"holdout (--holdout) must be smaller than n_test (--n-test), the test images "
                                  f"in use: the rest is the evaluation set; got holdout {self.holdout} and "
                                  f"n_test {self.n_test}")
+        if self.n_test is not None and self.n_holdout:
+            attacker = self.holdout if self.substitute == "jacobian" else 0
+            if attacker + self.n_holdout >= self.n_test:
+                raise ValueError(f"holdout (--holdout) + n_holdout (--n-holdout) must be smaller than n_test "
+                                 f"(--n-test): the rest is the evaluation set; got {attacker} + {self.n_holdout} "
+                                 f"and n_test {self.n_test}")
         return device
 
     def to_json(self) -> dict[str, Any]:
@@ -305,15 +320,6 @@ class BlackboxConfig:
 # --------------------------------------------------------------------------------------
 
 
-def _craft(attack: Callable, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
-           desc: str, progress: bool | None) -> Tensor:
-    """Adversarial versions of ``x`` batch by batch, on ``device`` (returned on ``device``)."""
-    parts = []
-    for sl in progress_bar(batches(x.shape[0], batch_size), desc, progress):
-        parts.append(attack(x[sl].to(device), y[sl].to(device)))
-    return torch.cat(parts)
-
-
 def _score(x: Tensor, model: nn.Module, idefender: IDefender, baseline: MahalanobisDetector,
            batch_size: int, device: torch.device, desc: str, progress: bool | None) -> dict[str, Tensor]:
     """F's predictions and both detectors' scores (log-likelihoods), each ``(N,)`` on CPU."""
@@ -326,14 +332,6 @@ def _score(x: Tensor, model: nn.Module, idefender: IDefender, baseline: Mahalano
             theirs.append(baseline.score(xb).cpu())
     return {"pred": torch.cat(preds), "idefender": torch.cat(ours).double(),
             "mahalanobis": torch.cat(theirs).double()}
-
-
-def _detector_scores(detector: IDefender, x: Tensor, batch_size: int, device: torch.device, desc: str,
-                     progress: bool | None) -> Tensor:
-    """``detector.score`` of ``x`` batch by batch: ``(N,)`` float64 on CPU."""
-    with torch.no_grad():
-        return torch.cat([detector.score(x[sl].to(device)).cpu()
-                          for sl in progress_bar(batches(x.shape[0], batch_size), desc, progress)]).double()
 
 
 # --------------------------------------------------------------------------------------
@@ -397,7 +395,19 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     if holdout >= data.x_test.shape[0]:
         raise ValueError(f"holdout (--holdout) must be smaller than the {data.x_test.shape[0]} test images in use "
                          f"(--n-test): the rest is the evaluation set; got {holdout}")
-    x_test, y_test = data.x_test[holdout:], data.y_test[holdout:]  # the evaluation set
+    n_test = data.x_test.shape[0]
+    if config.n_holdout and holdout + config.n_holdout >= n_test:
+        raise ValueError(f"holdout (--holdout) + n_holdout (--n-holdout) must be smaller than the {n_test} test "
+                         f"images in use (--n-test): the rest is the evaluation set; got {holdout} + "
+                         f"{config.n_holdout}")
+    split = n_test - config.n_holdout
+    x_cal, y_cal = data.x_test[split:], data.y_test[split:]  # held-out natural images: the thresholds
+    if config.n_holdout:
+        missing = sorted(set(range(data.n_classes)) - set(y_cal.tolist()))
+        if missing:
+            raise ValueError(f"the held-out calibration images (the last {config.n_holdout} test images, "
+                             f"--n-holdout) must hold every class; classes {missing} have none (raise --n-holdout)")
+    x_test, y_test = data.x_test[holdout:split], data.y_test[holdout:split]  # the evaluation set
 
     model_info: dict[str, Any] = {}
     with timer("train", f"model F: train {config.epochs} epoch(s) on {len(data.y_train)} images, or load "
@@ -442,6 +452,11 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         idefender.calibrate(DataLoader(TensorDataset(data.x_train[:n_cal], data.y_train[:n_cal]),
                                        batch_size=1000), keep=0.99)
         thresholds99 = idefender.thresholds_.clone().cpu()
+        thresholds95_train, thresholds99_train = thresholds95, thresholds99
+        if config.n_holdout:  # the default decision: held-out natural data, so 5% holds on new inputs
+            cal_loader = DataLoader(TensorDataset(x_cal, y_cal), batch_size=1000)
+            thresholds99 = idefender.calibrate(cal_loader, keep=0.99).thresholds_.clone().cpu()
+            thresholds95 = idefender.calibrate(cal_loader, keep=0.95).thresholds_.clone().cpu()
     with timer("fit_mahalanobis", "Mahalanobis baseline"):
         baseline = MahalanobisDetector(F, list(config.layers), reg_covar=config.reg_covar,
                                        memory_budget=budget, progress=progress).fit(train_loader)
@@ -452,6 +467,8 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     clean_correct = natural["pred"] == y_test
     natural_rejected95 = natural["idefender"] < thresholds95.double()[natural["pred"]]
     natural_rejected99 = natural["idefender"] < thresholds99.double()[natural["pred"]]
+    natural_rejected95_train = natural["idefender"] < thresholds95_train.double()[natural["pred"]]
+    natural_rejected99_train = natural["idefender"] < thresholds99_train.double()[natural["pred"]]
 
     records: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
@@ -466,7 +483,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         n = x_test.shape[0] if full or config.n_other is None else min(config.n_other, x_test.shape[0])
         x_nat, y_nat, nat_pred = x_test[:n], y_test[:n], natural["pred"][:n]
         with timer(f"attack {threat}", label=False):
-            x_adv = _craft(attack, x_nat, y_nat, config.batch_size, device,
+            x_adv = craft(attack, x_nat, y_nat, config.batch_size, device,
                            f"{threat} {setting.label}", progress).cpu()
         with timer("score", label=False):
             adv = _score(x_adv, F, idefender, baseline, config.batch_size, device,
@@ -478,6 +495,8 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         successful = adv["pred"] != nat_pred
         rejected95 = adv["idefender"] < thresholds95.double()[adv["pred"]]
         rejected99 = adv["idefender"] < thresholds99.double()[adv["pred"]]
+        rejected95_train = adv["idefender"] < thresholds95_train.double()[adv["pred"]]
+        rejected99_train = adv["idefender"] < thresholds99_train.double()[adv["pred"]]
         auc, tpr = detection(natural["idefender"], adv["idefender"])
         auc_s, tpr_s = detection(natural["idefender"], adv["idefender"][successful])
         m_auc, m_tpr = detection(natural["mahalanobis"], adv["mahalanobis"])
@@ -498,6 +517,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
             "id95_detection": rate(rejected95), "id99_detection": rate(rejected99),
             "id95_detection_successful": rate(rejected95[successful]),
             "id99_detection_successful": rate(rejected99[successful]),
+            "id95_detection_train": rate(rejected95_train), "id99_detection_train": rate(rejected99_train),
             "mahalanobis_auc": m_auc, "mahalanobis_auc_successful": m_auc_s,
             "mahalanobis_tpr_at_5fpr": m_tpr,
             "paper_auc": paper_ours, "paper_defense_gan_auc": paper_dgan,
@@ -515,7 +535,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     ablation = None
     if config.ablation and kept:
         with timer("ablation", f"ablation: {len(config.ablation)} detector variants"):
-            ablation = _ablation(config, F, train_loader, x_test, kept, device, budget)
+            ablation = run_ablation(config, F, train_loader, x_test, kept, device, budget)
 
     total = time.perf_counter() - start
     widths = dict(idefender.n_features_)
@@ -525,7 +545,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         "seed": config.seed,
         "config": config.to_json(),
         "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": int(data.x_train.shape[0]),
-                 "n_test": int(x_test.shape[0]), "holdout": int(holdout),
+                 "n_test": int(x_test.shape[0]), "holdout": int(holdout), "n_holdout": int(config.n_holdout),
                  "n_calibrate_id99": int(min(n_cal, data.x_train.shape[0]))},
         "models": model_info,
         "detector": {
@@ -534,6 +554,10 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
             "reg_covar": config.reg_covar, "score": "log-likelihood under F's predicted class",
             "natural_test_rejected_id95": rate(natural_rejected95),
             "natural_test_rejected_id99": rate(natural_rejected99),
+            "natural_test_rejected_id95_train": rate(natural_rejected95_train),
+            "natural_test_rejected_id99_train": rate(natural_rejected99_train),
+            "thresholds": ("held-out: the last %d test images in use" % config.n_holdout if config.n_holdout
+                           else "natural training images"),
             "baseline": "MahalanobisDetector (one Gaussian per class, shared covariance, closest class)",
         },
         "machine": machine_info(device),
@@ -544,33 +568,3 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     if ablation is not None:
         results["ablation"] = ablation
     return results
-
-
-def _ablation(config: BlackboxConfig, model: nn.Module, train_loader: DataLoader, x_test: Tensor,
-              fgsm: dict[float, Tensor], device: torch.device, budget: int | None) -> dict[str, Any]:
-    """Black-box FGSM AUC of every detector variant of ``config.ablation``."""
-    rows = []
-    progress = config.progress
-    for variant in progress_bar(config.ablation, "ablation", progress, unit="variant"):
-        row: dict[str, Any] = asdict(variant)
-        row["layers"] = list(variant.layers)
-        try:
-            started = time.perf_counter()
-            detector = IDefender(model, list(variant.layers), variant.n_components,
-                                 covariance_type=variant.covariance_type, reg_covar=variant.reg_covar,
-                                 max_iter=variant.max_iter,
-                                 random_state=config.seed, memory_budget=budget,
-                                 progress=progress).fit(train_loader)
-            row["fit_seconds"] = time.perf_counter() - started
-            row["n_features"] = sum(detector.n_features_.values())
-
-            natural = _detector_scores(detector, x_test, config.batch_size, device, "ablation: natural",
-                                       progress)
-            row["auc"] = [detection(natural, _detector_scores(detector, x_adv, config.batch_size, device,
-                                                               f"ablation: FGSM eps={eps:g}", progress))[0]
-                          for eps, x_adv in fgsm.items()]
-        except (ValueError, RuntimeError) as exc:  # e.g. a singular covariance: report, go on
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        rows.append(row)
-    return {"eps": list(fgsm), "rows": rows,
-            "note": "K-means initialisation with random_state = seed; AUC over all adversarial inputs"}

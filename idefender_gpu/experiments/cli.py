@@ -243,6 +243,10 @@ def _blackbox_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", type=positive_int, default=150, metavar="N",
                         help="test images the attacker holds (jacobian substitute), left out of the evaluation; "
                              "must be smaller than the test images in use (default %(default)s)")
+    parser.add_argument("--n-holdout", type=non_negative_int, default=1000, metavar="N",
+                        help="the last N test images in use calibrate the ID-95 / ID-99 thresholds (held-out "
+                             "natural data) and are left out of the evaluation; 0: training-data thresholds "
+                             "(default %(default)s)")
     parser.add_argument("--layers", type=model_f_layers, default=("conv2",), metavar="LAYERS",
                         help="comma-separated layers of model F whose hidden states I-defender models "
                              "(default conv2: its second convolution before the ReLU; e.g. fc:input, "
@@ -274,7 +278,7 @@ def _blackbox(args: argparse.Namespace) -> int:
         n_train=args.n_train, n_test=args.n_test, n_other=args.n_other, n_calibrate=args.n_calibrate,
         device=_default_device(args),
         progress=False if args.no_progress else None, download=not args.no_download,
-        cache=args.cache, substitute=args.substitute, holdout=args.holdout,
+        cache=args.cache, substitute=args.substitute, holdout=args.holdout, n_holdout=args.n_holdout,
         layers=tuple(args.layers), n_components=args.components,
         covariance_type=args.covariance, reg_covar=args.reg_covar, batch_size=args.batch_size,
         threat_models=threats, ablation=ABLATION if args.ablation else (),
@@ -293,6 +297,146 @@ def _blackbox(args: argparse.Namespace) -> int:
           f"on {results['machine']['device']}")
     for path in paths.values():
         print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# semi-whitebox, graybox, adaptive (the protocols of issue 13) and all
+# --------------------------------------------------------------------------------------
+
+
+def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> None:
+    """The options of the three protocols (their shared config, ``ProtocolConfig``)."""
+    parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
+                        help="use only the first N training images (default all)")
+    parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
+                        help="use only the first N test images (default all)")
+    parser.add_argument("--n-holdout", type=_int_at_least(10, "an int >= 10"), default=2000, metavar="N",
+                        help="the last N test images in use calibrate the held-out thresholds (default "
+                             "%(default)s); the rest is the evaluation set")
+    parser.add_argument("--n-attack", type=count_or_all, default=n_attack, metavar="N",
+                        help="evaluation images attacked: the first N, or 'all' (default %(default)s)")
+    parser.add_argument("--n-calibrate", type=count_or_all, default=10000, metavar="N",
+                        help="training images that set the training-data ID-99 thresholds (default 10000)")
+    parser.add_argument("--layers", type=model_f_layers, default=("conv2",), metavar="LAYERS",
+                        help="comma-separated layers whose hidden states I-defender models (default conv2)")
+    parser.add_argument("--components", type=positive_int, default=1, metavar="K",
+                        help="Gaussian mixture components per class (default %(default)s)")
+    parser.add_argument("--covariance", choices=("full", "tied", "diag", "spherical"), default="full",
+                        help="covariance type of the mixtures (default %(default)s)")
+    parser.add_argument("--reg-covar", type=non_negative_float, default=1e-4, metavar="FLOAT",
+                        help="added to the diagonal of every covariance, >= 0 (default %(default)g)")
+    parser.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
+                        help="attack and scoring batch size (default %(default)s)")
+
+
+def _protocol_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs, n_train=args.n_train,
+                n_test=args.n_test, n_holdout=args.n_holdout, n_attack=args.n_attack, n_calibrate=args.n_calibrate,
+                device=_default_device(args), progress=False if args.no_progress else None,
+                download=not args.no_download, cache=args.cache, layers=tuple(args.layers),
+                n_components=args.components, covariance_type=args.covariance, reg_covar=args.reg_covar,
+                batch_size=args.batch_size)
+
+
+def _run_protocol(args: argparse.Namespace, name: str, config, run, markdown) -> int:
+    from idefender_gpu.experiments._outputs import write
+
+    config.validate()  # before any work (and again inside run, for Python callers)
+    out = Path(args.out or f"results/{name}-{args.dataset}")
+    check_writable_folder(out, "--out")
+    if args.cache is not None:
+        check_writable_folder(Path(args.cache), "--cache")
+    started = time.perf_counter()
+    results = run(config)
+    paths = write(results, out, markdown)
+    print(f"{results['dataset']} {name}: seed {results['seed']}, wall time {time.perf_counter() - started:.0f} s "
+          f"on {results['machine']['device']}")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _semiwhitebox_options(parser: argparse.ArgumentParser) -> None:
+    _protocol_options(parser)
+    parser.add_argument("--tolerance", type=non_negative_float, default=0.005, metavar="FLOAT",
+                        help="bisection stops within this of the target adversarial accuracy (default %(default)s)")
+
+
+def _semiwhitebox(args: argparse.Namespace) -> int:
+    from idefender_gpu.experiments.semiwhitebox import SemiWhiteboxConfig, markdown, run_semiwhitebox
+
+    config = SemiWhiteboxConfig(**_protocol_kwargs(args), tolerance=args.tolerance)
+    return _run_protocol(args, "semi-whitebox", config, run_semiwhitebox, markdown)
+
+
+def _graybox_options(parser: argparse.ArgumentParser) -> None:
+    _protocol_options(parser)
+    parser.add_argument("--no-wide", action="store_true",
+                        help="skip the wider network (Table 8's analogue)")
+
+
+def _graybox(args: argparse.Namespace) -> int:
+    from idefender_gpu.experiments.graybox import GrayboxConfig, markdown, run_graybox
+
+    config = GrayboxConfig(**_protocol_kwargs(args), wide=not args.no_wide)
+    return _run_protocol(args, "graybox", config, run_graybox, markdown)
+
+
+def _adaptive_options(parser: argparse.ArgumentParser) -> None:
+    _protocol_options(parser, n_attack=500)
+    parser.add_argument("--eps", type=lambda t: tuple(float(e) for e in t.split(",")), default=(0.05, 0.1, 0.2, 0.3),
+                        metavar="EPS", help="comma-separated Linf radii (default 0.05,0.1,0.2,0.3)")
+    parser.add_argument("--steps", type=positive_int, default=40, metavar="N",
+                        help="steps per attack run (default %(default)s)")
+    parser.add_argument("--restarts", type=positive_int, default=1, metavar="N",
+                        help="MarginPGD's random restarts per loss (default %(default)s)")
+    parser.add_argument("--targets", type=non_negative_int, default=3, metavar="N",
+                        help="MarginPGD's targeted runs (default %(default)s)")
+    parser.add_argument("--no-external", action="store_true",
+                        help="do not run torchattacks' and ART's PGD beside MarginPGD")
+
+
+def _adaptive(args: argparse.Namespace) -> int:
+    from idefender_gpu.experiments.adaptive import AdaptiveConfig, markdown, run_adaptive
+
+    config = AdaptiveConfig(**_protocol_kwargs(args), eps=args.eps, steps=args.steps, n_restarts=args.restarts,
+                            n_targets=args.targets, external=not args.no_external)
+    return _run_protocol(args, "adaptive", config, run_adaptive, markdown)
+
+
+#: the options ``reproduce all`` passes on to every experiment
+_ALL_FORWARDED = ("dataset", "data", "no_download", "seed", "epochs", "device", "threads", "cache", "no_progress",
+                  "quiet", "n_train", "n_test")
+
+
+def _all_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
+                        help="use only the first N training images in every experiment (default all)")
+    parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
+                        help="use only the first N test images in every experiment (default all)")
+
+
+def _all(args: argparse.Namespace) -> int:
+    """Every experiment with its defaults, one after the other, into ``--out/<name>``; the
+    cached models are trained once and reused."""
+    out = Path(args.out or f"results/reproduce-all-{args.dataset}")
+    check_writable_folder(out, "--out")
+    started = time.perf_counter()
+    for name, experiment in EXPERIMENTS.items():
+        if name == "all":
+            continue
+        leaf = argparse.ArgumentParser(prog=f"reproduce {name}")
+        add_common_options(leaf)
+        experiment.options(leaf)
+        sub = leaf.parse_args([])
+        for key in _ALL_FORWARDED:
+            setattr(sub, key, getattr(args, key))
+        sub.out = str(out / name)
+        code = experiment.run(sub)
+        if code:
+            return code
+    print(f"reproduce all: wall time {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -323,6 +467,33 @@ EXPERIMENTS: dict[str, Experiment] = {
                     "states, attacks, and writes results.json, report.md (the paper's numbers beside "
                     "ours) and ROC PNGs into --out. About 4 minutes on a 2-core CPU with the defaults.",
         options=_blackbox_options, run=_blackbox),
+    "semi-whitebox": Experiment(
+        help="Section 4.2 (Table 6 protocol): attack strengths bisected to the paper's adversarial accuracies, "
+             "ID-95 / ID-99 detection on balanced sets",
+        description="The paper's semi-white-box protocol on model F: FGSM, Iter-Linf, Iter-L2 and DeepFool "
+                    "strengths found by bisection so that F's adversarial accuracy hits each Table 6 target; "
+                    "AUC and ID-95 / ID-99 (held-out and training-data thresholds) beside the paper's CIFAR-10 "
+                    "values. Writes results.json, report.md and ROC PNGs into --out.",
+        options=_semiwhitebox_options, run=_semiwhitebox),
+    "graybox": Experiment(
+        help="Section 4.3 (Tables 7-8 protocol): Eq. 6 crafted on Source, evaluated on Source, Target and a "
+             "wider network",
+        description="The paper's gray-box protocol: two copies of model F (seeds seed+1, seed+2) and a 1.5x "
+                    "wider one, each with its own I-defender; GrayBox (Eq. 6) crafted on Source with alpha in "
+                    "{0, 1e-3, 1e-2, 1e-1, 1}. Writes results.json, report.md and ROC PNGs into --out.",
+        options=_graybox_options, run=_graybox),
+    "adaptive": Experiment(
+        help="adaptive white-box attacker (MarginPGD on DefendedModel) at eps 0.05-0.3, beside Mahalanobis, no "
+             "detector, torchattacks and ART",
+        description="An attacker who knows the detector: success rate at 5% false rejects (held-out "
+                    "thresholds), accuracy with rejection and AUC at Linf eps 0.05/0.1/0.2/0.3. Writes "
+                    "results.json, report.md and ROC PNGs into --out.",
+        options=_adaptive_options, run=_adaptive),
+    "all": Experiment(
+        help="blackbox, semi-whitebox, graybox and adaptive with their defaults, into --out/<name>",
+        description="Runs the four reproductions one after the other (cached models reused) into "
+                    "--out/<experiment>.",
+        options=_all_options, run=_all),
 }
 
 
@@ -336,8 +507,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         The ``reproduce`` parser. Each leaf sets ``func`` (call ``args.func(args)``).
     """
     reproduce = subparsers.add_parser(
-        "reproduce", help="reproduce the paper's experiments: reproduce blackbox (markdown report, JSON, "
-                          "ROC PNGs)",
+        "reproduce", help="reproduce the paper's experiments: reproduce blackbox | semi-whitebox | graybox | "
+                          "adaptive | all (markdown report, JSON, ROC PNGs)",
         description="Reproduce the I-defender paper's experiments (Zheng & Hong, 2018).")
     which = reproduce.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT",
                                      title="experiments")

@@ -6,7 +6,7 @@ columns are copied by the paper from Samangouei et al. (2018).
 
 from __future__ import annotations
 
-__all__ = ["FGSM_TABLES", "SETTINGS_TABLES", "fgsm_paper_auc"]
+__all__ = ["FGSM_TABLES", "GRAYBOX_TABLES", "SEMIWHITEBOX_TABLE", "SETTINGS_TABLES", "fgsm_paper_auc"]
 
 #: dataset -> {"table": paper table, "figure": ROC figure, "defense_gan": its GD setting,
 #: "rows": {eps: (Defense-GAN AUC, I-defender AUC)}} (Tables 3 and 5)
@@ -61,3 +61,37 @@ def fgsm_paper_auc(dataset: str, eps: float) -> tuple[float | None, float | None
         if abs(key - eps) < 1e-9:
             return value
     return None, None
+
+
+#: Table 6 (CIFAR-10, WRN34-8; semi-white-box): (column label, attack, target adversarial
+#: accuracy of the classifier, {method: AUC in %}). SafetyNet (SVM, mSVM) and Subnetwork were
+#: trained on the first column's attack.
+SEMIWHITEBOX_TABLE = ("Table 6", "CIFAR-10", [
+    ("Iter-Linf 13.14%", "BIM", 0.1314, {"SVM": 83.6, "mSVM": 92.52, "Subnet": 98.235, "ID-95": 81.28,
+                                          "ID-99": 79.04}),
+    ("Iter-L2 10.80%", "IterativeL2", 0.1080, {"SVM": 84.840, "mSVM": 93.915, "Subnet": 98.660, "ID-95": 79.398,
+                                               "ID-99": 74.173}),
+    ("FGSM 27.84%", "FGSM", 0.2784, {"SVM": 75.545, "mSVM": 74.480, "Subnet": 68.980, "ID-95": 87.464,
+                                     "ID-99": 90.485}),
+    ("DeepFool 24.53%", "DeepFool", 0.2453, {"SVM": 78.305, "mSVM": 86.635, "Subnet": 49.270, "ID-95": 87.636,
+                                             "ID-99": 90.709}),
+    ("Iter-Linf 29.56%", "BIM", 0.2956, {"SVM": 76.330, "mSVM": 76.670, "Subnet": 49.295, "ID-95": 78.730,
+                                         "ID-99": 74.580}),
+    ("FGSM 45.68%", "FGSM", 0.4568, {"SVM": 61.755, "mSVM": 60.895, "Subnet": 49.27, "ID-95": 85.024,
+                                     "ID-99": 87.596}),
+])
+
+#: Tables 7 and 8 (CIFAR-10, WRN34-8 Source and Target; WRN46-8), detection AUC in %, as
+#: extracted from the paper: four rows per column, in the paper's order, under an alpha
+#: column whose labels the extraction garbled ("1e-3 1e-2 1e-1"); the Iter-Linf eps 0.0085
+#: and FGSM eps 0.075 columns' values did not survive the extraction.
+GRAYBOX_TABLES = {
+    "Table 7": {"Iter-Linf eps=0.013 (Target / Source)": [(85.203, 76.450), (83.261, 58.967), (83.875, 59.459),
+                                                           (83.945, 59.554)],
+                "Iter-L2 eps=0.47 (Target / Source)": [(86.249, 75.786), (84.740, 69.243), (85.406, 71.179),
+                                                        (85.576, 72.027)]},
+    "Table 8": {"Iter-Linf eps=0.013 (WRN-34 / WRN-46)": [(85.203, 87.549), (83.261, 87.555), (83.875, 87.637),
+                                                           (83.945, 87.553)],
+                "Iter-L2 eps=0.47 (WRN-34 / WRN-46)": [(86.249, 86.23), (84.740, 86.215), (85.406, 85.844),
+                                                        (85.576, 85.528)]},
+}

@@ -1,0 +1,313 @@
+"""What the semi-white-box, gray-box and adaptive reproductions share (private).
+
+:class:`ProtocolConfig` holds their common settings; :func:`prepare` loads the data, splits
+the test images into the evaluation set and a held-out calibration set, and trains (or
+loads) model F; :func:`fit_defence` fits I-defender and the Mahalanobis baseline on a
+model's natural training hidden states and computes both families of thresholds:
+
+- *train*: the paper's ID-95 / ID-99, keeping 95% / 99% of each class's natural
+  training data (ID-99 from the first ``n_calibrate`` training images);
+- *held-out*: the same fractions of each class's held-out natural test images (the last
+  ``n_holdout`` test images in use, never attacked nor scored as negatives), the default
+  decision: a model's hidden states are more typical on the images it was trained on, so
+  training-data thresholds reject more than their nominal share of new natural inputs.
+
+Both detectors are left with their held-out 95% thresholds in ``thresholds_`` (the
+defended model an attacker meets). :func:`score` gives predictions, scores and the class
+each score is taken under, so any set of thresholds can be applied afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from idefender_gpu import IDefender, MahalanobisDetector
+from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate, validate_params
+from idefender_gpu.data import DATASETS, load_dataset
+from idefender_gpu.experiments._common import PhaseTimer, batches, check_device, display_path, logger, rate
+from idefender_gpu.features import parse_layers
+from idefender_gpu.metrics import roc_auc_score
+from idefender_gpu.models import build_model, evaluate, load_or_train
+
+__all__ = ["Defence", "ProtocolConfig", "Setup", "balanced_accuracy", "fit_defence", "prepare", "score",
+           "threshold_summary"]
+
+#: threshold family -> what it is calibrated on
+THRESHOLDS = {"heldout": "held-out natural test images", "train": "natural training images"}
+
+
+@dataclass
+class ProtocolConfig:
+    """Settings shared by the semi-white-box, gray-box and adaptive reproductions.
+
+    Attributes
+    ----------
+    dataset, data, seed, epochs, n_train, n_test, device, progress, download, cache
+        As in :class:`~idefender_gpu.experiments.blackbox.BlackboxConfig` (model F is
+        trained with ``seed + 1``).
+    n_holdout : int
+        The last ``n_holdout`` test images in use calibrate the held-out thresholds; the
+        others are the evaluation set.
+    n_attack : int, optional
+        Evaluation images attacked (the first ``n_attack``; None: all).
+    n_calibrate : int, optional
+        Training images whose scores set the training-data ID-99 thresholds.
+    layers, n_components, covariance_type, reg_covar, batch_size, memory_budget
+        I-defender's settings (as the black-box reproduction's).
+    """
+
+    dataset: str = "fashion-mnist"
+    data: str | None = None
+    seed: int = 0
+    epochs: int = 5
+    n_train: int | None = None
+    n_test: int | None = None
+    n_holdout: int = 2000
+    n_attack: int | None = 1000
+    n_calibrate: int | None = 10000
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    progress: bool | None = None
+    download: bool = False
+    cache: str | None = None
+    layers: tuple[str, ...] = ("conv2",)
+    n_components: int = 1
+    covariance_type: str = "full"
+    reg_covar: float = 1e-4
+    batch_size: int = 500
+    memory_budget: int | None = None
+
+    _parameter_constraints = {
+        "dataset": [Options(str, set(DATASETS))],
+        "data": [None, InstanceOf(str, os.PathLike)],
+        "seed": [Interval(Integral, 0, None)],
+        "epochs": [Interval(Integral, 1, None)],
+        "n_holdout": [Interval(Integral, 10, None)],
+        **{name: [None, Interval(Integral, 1, None)] for name in ("n_train", "n_test", "n_attack", "n_calibrate")},
+        "device": [InstanceOf(str, torch.device)],
+        "progress": [None, "boolean"],
+        "download": ["boolean"],
+        "cache": [None, InstanceOf(str, os.PathLike)],
+        "layers": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                             and all(isinstance(x, str) for x in v), "a non-empty tuple of str")],
+        "n_components": [Interval(Integral, 1, None)],
+        "covariance_type": [Options(str, {"full", "tied", "diag", "spherical"})],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None)],
+        "memory_budget": [None, Interval(Integral, 1, None)],
+    }
+
+    def validate(self) -> torch.device:
+        """Check every setting before any work; return the device."""
+        constraints = {}
+        for klass in reversed(type(self).__mro__):
+            constraints.update(getattr(klass, "_parameter_constraints", {}))
+        validate_params(type(self).__name__, vars(self), constraints)
+        device = check_device(self.device)
+        parse_layers(build_model("F", len(DATASETS[self.dataset].classes)), list(self.layers))
+        if self.n_test is not None and self.n_holdout >= self.n_test:
+            raise ValueError(f"n_holdout (--n-holdout) must be smaller than n_test (--n-test): the rest is the "
+                             f"evaluation set; got n_holdout {self.n_holdout} and n_test {self.n_test}")
+        return device
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON (paths as :func:`display_path` writes them)."""
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out["data"], out["cache"] = display_path(self.data), display_path(self.cache)
+        out["device"] = str(self.device)
+        return out
+
+    def budget(self, device: torch.device) -> int | None:
+        """The detectors' memory budget (64 MiB on CPU unless set: larger GEMMs)."""
+        return self.memory_budget if self.memory_budget is not None or device.type == "cuda" else 64 << 20
+
+
+@dataclass
+class Setup:
+    """The data split and model F of a run."""
+
+    data: Any
+    x_eval: Tensor
+    y_eval: Tensor
+    x_holdout: Tensor
+    y_holdout: Tensor
+    model: nn.Module
+    model_info: dict[str, Any]
+    device: torch.device
+
+
+@dataclass
+class Defence:
+    """A model's I-defender and Mahalanobis baseline, with every threshold set."""
+
+    idefender: IDefender
+    mahalanobis: MahalanobisDetector | None
+    #: detector name -> family ('heldout', 'train') -> keep (0.95, 0.99) -> thresholds (C,) on CPU
+    thresholds: dict[str, dict[str, dict[float, Tensor]]]
+
+    def detectors(self) -> dict[str, Any]:
+        out = {"idefender": self.idefender, "mahalanobis": self.mahalanobis}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def model_record(info: dict[str, Any], accuracy: float, training: str) -> dict[str, Any]:
+    """What results files record about a trained model."""
+    path = info.get("path")
+    return {"seed": info.get("seed"), "epochs": info.get("epochs"), "test_accuracy": accuracy,
+            "checkpoint": os.path.basename(path) if path else None, "cached": bool(info.get("cached")),
+            "train_seconds": info.get("train_seconds"), "training": training}
+
+
+def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
+    """Load and split the data (sizes checked before any training), then train or load F."""
+    device = check_device(config.device)
+    with timer("data", label=False):
+        data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
+        for name, option, split, requested, available in (
+                ("n_train", "--n-train", "training", config.n_train, data.x_train.shape[0]),
+                ("n_test", "--n-test", "test", config.n_test, data.x_test.shape[0])):
+            if requested is not None and requested > available:
+                raise ValueError(f"{name} ({option}) must be at most {available}, the number of {split} "
+                                 f"images of {data.name} in {data.source}; got {requested}")
+        data = data.subset(config.n_train, config.n_test)
+        n_test = data.x_test.shape[0]
+        if config.n_holdout >= n_test:
+            raise ValueError(f"n_holdout (--n-holdout) must be smaller than the {n_test} test images in use "
+                             f"(--n-test): the rest is the evaluation set; got {config.n_holdout}")
+        counts = torch.bincount(data.y_train, minlength=data.n_classes)
+        smallest = int(counts.argmin())
+        if int(counts[smallest]) < max(config.n_components, 2):
+            raise ValueError(f"every class needs at least max(2, n_components (--components)) = "
+                             f"{max(config.n_components, 2)} training images for its mixture; class {smallest} "
+                             f"({data.classes[smallest]}) has {int(counts[smallest])} (raise --n-train)")
+        y_holdout = data.y_test[n_test - config.n_holdout:]
+        missing = sorted(set(range(data.n_classes)) - set(y_holdout.tolist()))
+        if missing:
+            raise ValueError(f"the held-out calibration images (the last {config.n_holdout} test images, "
+                             f"--n-holdout) must hold every class; classes {missing} have none (raise "
+                             f"--n-holdout)")
+    logger.info("%s: %d training, %d test images (%d held out for the thresholds) from %s", data.name,
+                len(data.y_train), n_test, config.n_holdout, display_path(data.source))
+    split = n_test - config.n_holdout
+    with timer("train", f"model F: train {config.epochs} epoch(s) on {len(data.y_train)} images, or load "
+                        f"the cached checkpoint"):
+        model, info = load_or_train("F", data, seed=config.seed + 1, epochs=config.epochs, device=device,
+                                    cache=config.cache, progress=config.progress)
+    x_eval, y_eval = data.x_test[:split], data.y_test[:split]
+    accuracy = float((evaluate(model, x_eval.to(device)).cpu() == y_eval).double().mean())
+    record = model_record(info, accuracy, f"trained on the training set, {config.epochs} epochs, seed "
+                                          f"{config.seed + 1}")
+    return Setup(data, x_eval, y_eval, data.x_test[split:], y_holdout, model, {"F": record}, device)
+
+
+def _loader(x: Tensor, y: Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=1000)
+
+
+def fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: PhaseTimer,
+                name: str = "F", baseline: bool = True) -> Defence:
+    """I-defender and (``baseline``) the Mahalanobis baseline on ``model``; train and held-out
+    thresholds."""
+    data, budget = setup.data, config.budget(setup.device)
+    train_loader = _loader(data.x_train, data.y_train)
+    n_cal = data.x_train.shape[0] if config.n_calibrate is None else min(config.n_calibrate, data.x_train.shape[0])
+    cal_loader = _loader(data.x_train[:n_cal], data.y_train[:n_cal])
+    held_loader = _loader(setup.x_holdout, setup.y_holdout)
+    thresholds: dict[str, dict[str, dict[float, Tensor]]] = {}
+    with timer("fit_detectors", f"model {name}: I-defender{' and Mahalanobis' if baseline else ''} on "
+                                f"{len(data.y_train)} training images; train and held-out thresholds"):
+        idefender = IDefender(model, list(config.layers), config.n_components,
+                              covariance_type=config.covariance_type, keep=0.95, reg_covar=config.reg_covar,
+                              random_state=config.seed, memory_budget=budget,
+                              progress=config.progress).fit(train_loader)
+        mahalanobis = MahalanobisDetector(model, list(config.layers), reg_covar=config.reg_covar,
+                                          memory_budget=budget, progress=config.progress).fit(train_loader) \
+            if baseline else None
+        for key, detector in (("idefender", idefender), ("mahalanobis", mahalanobis)):
+            if detector is None:
+                continue
+            table: dict[str, dict[float, Tensor]] = {"train": {0.95: detector.thresholds_.clone().cpu()}}
+            if key == "idefender":
+                detector.calibrate(cal_loader, keep=0.99)
+                table["train"][0.99] = detector.thresholds_.clone().cpu()
+            table["heldout"] = {}
+            for keep in (0.99, 0.95):  # 0.95 last: the thresholds the detector keeps
+                detector.calibrate(held_loader, keep=keep)
+                table["heldout"][keep] = detector.thresholds_.clone().cpu()
+            thresholds[key] = table
+    return Defence(idefender, mahalanobis, thresholds)
+
+
+@torch.no_grad()
+def score(x: Tensor, model: nn.Module, defence: Defence, batch_size: int,
+          device: torch.device) -> dict[str, Tensor]:
+    """``pred`` (model's prediction) and, per detector, ``<name>`` (score) and ``<name>_class``
+    (the class it is scored under), each ``(N,)`` on CPU (scores in float64)."""
+    parts: dict[str, list[Tensor]] = {"pred": []}
+    for sl in batches(x.shape[0], batch_size):
+        xb = x[sl].to(device)
+        pred = model(xb).argmax(1)
+        parts["pred"].append(pred.cpu())
+        for key, detector in defence.detectors().items():
+            log_density = detector.log_density(xb)  # (B, C)
+            scored = log_density.argmax(1) if getattr(detector, "score_class", "predicted") == "closest" else pred
+            parts.setdefault(key, []).append(log_density.gather(1, scored[:, None])[:, 0].double().cpu())
+            parts.setdefault(f"{key}_class", []).append(scored.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def rejected(scores: dict[str, Tensor], key: str, thresholds: Tensor) -> Tensor:
+    """Boolean ``(N,)``: the detector ``key`` rejects (score below its scored class's threshold)."""
+    return scores[key] < thresholds.double()[scores[f"{key}_class"]]
+
+
+def balanced_accuracy(natural_rejected: Tensor, adversarial_rejected: Tensor) -> float | None:
+    """``(TPR + TNR) / 2`` of a thresholded detector: the AUC of its binary decision."""
+    if natural_rejected.numel() == 0 or adversarial_rejected.numel() == 0:
+        return None
+    return 0.5 * (float(adversarial_rejected.double().mean()) + 1.0 - float(natural_rejected.double().mean()))
+
+
+def auc(natural: Tensor, adversarial: Tensor) -> float | None:
+    """AUC of ``-score``, adversarial inputs positives (None without any)."""
+    if natural.numel() == 0 or adversarial.numel() == 0:
+        return None
+    scores = torch.cat([-natural, -adversarial])
+    labels = torch.cat([torch.zeros(natural.numel()), torch.ones(adversarial.numel())])
+    return float(roc_auc_score(scores, labels))
+
+
+def threshold_summary(defence: Defence, natural: dict[str, Tensor], model: str = "F") -> list[dict[str, Any]]:
+    """Natural false-reject rate on the evaluation set of every threshold set of both detectors."""
+    rows = []
+    for key, families in defence.thresholds.items():
+        for family, by_keep in families.items():
+            for keep, th in sorted(by_keep.items()):
+                rows.append({"model": model, "detector": key, "family": family, "calibrated_on": THRESHOLDS[family],
+                             "keep": keep, "natural_test_rejected": rate(rejected(natural, key, th))})
+    return rows
+
+
+def base_results(experiment: str, config: ProtocolConfig, setup: Setup, defence: Defence) -> dict[str, Any]:
+    """The fields every protocol's results share (the caller adds records, timings)."""
+    from idefender_gpu.experiments._common import machine_info
+
+    data, det = setup.data, defence.idefender
+    n_attack = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
+    return {
+        "experiment": experiment, "dataset": data.name, "seed": config.seed, "config": config.to_json(),
+        "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": int(data.x_train.shape[0]),
+                 "n_eval": int(setup.x_eval.shape[0]), "n_attack": int(n_attack),
+                 "n_holdout": int(setup.x_holdout.shape[0])},
+        "models": setup.model_info,
+        "detector": {"layers": list(det.layers_), "n_features": int(sum(det.n_features_.values())),
+                     "n_components": config.n_components, "covariance_type": config.covariance_type,
+                     "reg_covar": config.reg_covar},
+        "machine": machine_info(setup.device),
+    }
