@@ -496,9 +496,15 @@ def _batches(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
     input_shape: tuple[int, ...] | None = None
     labelled: bool | None = None
     disable = None if progress is None else not progress
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
     with eval_mode(model), HiddenStateHooks(model, specs) as hooks:
-        for index, batch in enumerate(tqdm(loader, desc=desc, unit="batch", disable=disable,
-                                           leave=False)):
+        # iter() once here: tqdm.auto's bar would call iter(loader) twice (one pass wasted,
+        # DataLoader workers started twice, a re-iterable loader's pass counted twice)
+        for index, batch in enumerate(tqdm(iter(loader), total=total, desc=desc, unit="batch",
+                                           disable=disable, leave=False)):
             x, y = _split_batch(batch, index, labelled)
             if input_shape is None:
                 input_shape, labelled = tuple(x.shape[1:]), y is not None

@@ -183,3 +183,211 @@ def test_subset_scoring_on_an_imbalanced_batch(data):
     torch.testing.assert_close(detector.log_density(xt, classes=classes),
                                detector.log_density(xt).gather(1, classes[:, None])[:, 0],
                                rtol=1e-12, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# The one-pass streamed fit (K = 1) and shrinkage covariances
+# --------------------------------------------------------------------------------------
+
+
+def _in_memory_fit(x, y, covariance_type, reg_covar=1e-4):
+    """The mixture engine on every state at once (what IDefender K=1 did before streaming)."""
+    from idefender_gpu.mixture import BatchedGaussianMixture
+
+    m = BatchedGaussianMixture(n_components=1, covariance_type=covariance_type, reg_covar=reg_covar,
+                               dtype=torch.float64, random_state=0).fit(x, y)
+    return m.weights_, m.means_, m.precisions_cholesky_
+
+
+class Batches:
+    """A re-iterable loader whose batches are sorted by class or shuffled, of uneven sizes."""
+
+    def __init__(self, x, y, sizes, order="shuffled"):
+        idx = torch.argsort(y, stable=True) if order == "sorted" else torch.arange(y.shape[0])
+        self.x, self.y = x[idx], y[idx]
+        self.bounds = torch.cumsum(torch.tensor([0, *sizes]), 0).tolist()
+        assert self.bounds[-1] == y.shape[0]
+
+    def __iter__(self):
+        for a, b in zip(self.bounds[:-1], self.bounds[1:]):
+            yield self.x[a:b], self.y[a:b]
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "tied", "spherical"])
+@pytest.mark.parametrize("order", ["shuffled", "sorted"])
+def test_streamed_fit_equals_the_in_memory_fit(covariance_type, order, data):
+    """K=1: per-class moments merged over uneven batches (some of one sample) == one fit on all."""
+    (x, y), (xt, _) = data
+    sizes = [1, 2, 97, 1, 150, 29, 200]
+    stream = Batches(x, y, sizes, order)
+    detector = IDefender(Identity(), n_components=1, covariance_type=covariance_type, dtype="float64",
+                         progress=False).fit(stream)
+    weights, means, prec_chol = _in_memory_fit(x, y, covariance_type)
+    layer = detector.layers_[0]
+    torch.testing.assert_close(detector.weights_[layer], weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(detector.means_[layer], means, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(detector.precisions_cholesky_[layer], prec_chol, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(detector.thresholds_, _all_class_thresholds(detector, x, y), rtol=1e-12,
+                               atol=1e-10)
+    one_batch = IDefender(Identity(), n_components=1, covariance_type=covariance_type, dtype="float64",
+                          progress=False).fit([(x, y)])
+    torch.testing.assert_close(detector.score(xt), one_batch.score(xt), rtol=1e-11, atol=1e-10)
+
+
+def test_streamed_fit_float32_far_from_the_origin():
+    """Small variances far from the origin: the pairwise merge keeps them in float32
+    (``E[hh^T] - mu mu^T`` would lose every digit: 1e3^2 * 2^-24 ~ 0.06 > 1e-2)."""
+    x, y = gaussian_classes(60, seed=3)
+    x = (1e3 + 0.1 * x).float()  # the float64 reference sees the same (rounded) inputs
+    model = Identity(dtype=torch.float32)
+    stream = Batches(x, y, [60] * 12)
+    detector = IDefender(model, n_components=1, reg_covar=0.0, progress=False).fit(stream)
+    _, means, prec_chol = _in_memory_fit(x.double(), y, "full", reg_covar=0.0)
+    cov = torch.linalg.inv(prec_chol @ prec_chol.mT)
+    got = torch.linalg.inv(detector.precisions_cholesky_[detector.layers_[0]].double()
+                           @ detector.precisions_cholesky_[detector.layers_[0]].double().mT)
+    torch.testing.assert_close(got, cov, rtol=0, atol=2e-5)  # variances ~1e-2
+
+
+@pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
+@pytest.mark.parametrize("n_per_class", [4, 40])
+def test_shrinkage_equals_scikit_learn(estimator, n_per_class):
+    """Per class, sklearn's LedoitWolf / OAS (assume_centered=False) + reg_covar; also n < D."""
+    from sklearn.covariance import OAS, LedoitWolf
+
+    x, y = gaussian_classes(n_per_class, seed=4, width=D)
+    reg = 1e-3
+    stream = Batches(x, y, [3] * (x.shape[0] // 3) + [x.shape[0] % 3] * bool(x.shape[0] % 3))
+    detector = IDefender(Identity(), n_components=1, covariance_estimator=estimator, reg_covar=reg,
+                         dtype="float64", progress=False).fit(stream)
+    P = detector.precisions_cholesky_[detector.layers_[0]][:, 0]  # (C, D, D)
+    got = torch.linalg.inv(P @ P.mT)
+    Oracle = LedoitWolf if estimator == "ledoit-wolf" else OAS
+    for c in range(C):
+        expected = Oracle(assume_centered=False).fit(x[y == c].numpy()).covariance_ + reg * torch.eye(D).numpy()
+        # through the Cholesky factor and an inverse: round-off times the condition number
+        torch.testing.assert_close(got[c], torch.as_tensor(expected), rtol=1e-8, atol=1e-12)
+    means = detector.means_[detector.layers_[0]][:, 0]
+    torch.testing.assert_close(means, torch.stack([x[y == c].mean(0) for c in range(C)]), rtol=1e-12, atol=1e-12)
+
+
+def test_shrinkage_tied_equals_full(data):
+    (x, y), (xt, _) = data
+    full = IDefender(Identity(), n_components=1, covariance_estimator="oas", dtype="float64",
+                     progress=False).fit(loader(x, y))
+    tied = IDefender(Identity(), n_components=1, covariance_type="tied", covariance_estimator="oas",
+                     dtype="float64", progress=False).fit(loader(x, y))
+    torch.testing.assert_close(tied.score(xt), full.score(xt), rtol=1e-12, atol=1e-10)
+
+
+def test_shrinkage_is_saved_and_loaded(tmp_path, data):
+    (x, y), (xt, _) = data
+    detector = IDefender(Identity(), n_components=1, covariance_estimator="ledoit-wolf", dtype="float64",
+                         progress=False).fit(loader(x, y))
+    detector.save(tmp_path / "d.safetensors")
+    loaded = IDefender.load(tmp_path / "d.safetensors", Identity())
+    assert loaded.covariance_estimator == "ledoit-wolf"
+    torch.testing.assert_close(loaded.score(xt), detector.score(xt), rtol=0, atol=0)
+
+
+def test_files_without_the_estimator_field_load_as_empirical(tmp_path, data):
+    """Detector files written before the option existed have no 'covariance_estimator'."""
+    from idefender_gpu.detector import _io
+
+    (x, y), (xt, _) = data
+    detector = IDefender(Identity(), n_components=1, dtype="float64", progress=False).fit(loader(x, y))
+    detector.save(tmp_path / "new.safetensors")
+    config, tensors = _io.read_detector_file(tmp_path / "new.safetensors")
+    del config["params"]["covariance_estimator"]
+    _io.write_detector_file(tmp_path / "old.safetensors", config, tensors)
+    loaded = IDefender.load(tmp_path / "old.safetensors", Identity())
+    assert loaded.covariance_estimator == "empirical"
+    torch.testing.assert_close(loaded.score(xt), detector.score(xt), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"covariance_estimator": "shrunk"}, "'covariance_estimator' parameter of IDefender must be a str among"),
+    ({"covariance_estimator": None}, "'covariance_estimator' parameter of IDefender"),
+    ({"covariance_estimator": "oas", "n_components": 2}, "needs n_components=1"),
+    ({"covariance_estimator": "ledoit-wolf", "covariance_type": "diag"}, "needs covariance_type 'full' or 'tied'"),
+])
+def test_bad_covariance_estimator_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IDefender(Identity(), **kwargs)
+
+
+def test_bad_covariance_estimator_set_later_is_refused_before_reading(data):
+    (x, y), _ = data
+    detector = IDefender(Identity(), n_components=2, progress=False)
+    detector.covariance_estimator = "oas"
+
+    def never():
+        raise AssertionError("read")
+        yield
+
+    class Never:
+        def __iter__(self):
+            return never()
+
+    with pytest.raises(ValueError, match="needs n_components=1"):
+        detector.fit(Never())
+    assert not hasattr(detector, "thresholds_")
+
+
+def test_streamed_fit_refuses_a_one_shot_iterator(data):
+    (x, y), _ = data
+    detector = IDefender(Identity(), n_components=1, progress=False)
+    with pytest.raises(TypeError, match="loader must be re-iterable"):
+        detector.fit(iter(loader(x, y)))
+    assert not hasattr(detector, "thresholds_")
+
+
+def test_streamed_fit_refuses_a_loader_that_changes_between_passes(data):
+    (x, y), _ = data
+
+    class Shrinking:
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            n = x.shape[0] if self.passes == 1 else x.shape[0] - 64
+            return iter(loader(x[:n], y[:n]))
+
+    detector = IDefender(Identity(), n_components=1, progress=False)
+    with pytest.raises(ValueError, match="same \\(inputs, labels\\) on every pass"):
+        detector.fit(Shrinking())
+    assert not hasattr(detector, "thresholds_")
+
+
+def test_streamed_fit_checks_like_the_in_memory_fit(data):
+    (x, y), _ = data
+    with pytest.raises(ValueError, match=r"loader labels must be class labels in \[0, n_classes\)"):
+        IDefender(Identity(), n_components=1, progress=False).fit(loader(x, y + 1))
+    with pytest.raises(ValueError, match="at least 2 sample"):
+        keep = (y != 4) | (torch.arange(y.shape[0]) == int((y == 4).nonzero()[0]))
+        IDefender(Identity(), n_components=1, progress=False).fit(loader(x[keep], y[keep]))
+    with pytest.raises(ValueError, match="pairs"):
+        IDefender(Identity(), n_components=1, progress=False).fit([x[:10]])
+
+
+@pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
+@pytest.mark.parametrize("n_per_class", [2, 5, 300])
+def test_shrunk_covariances_of_merged_moments_equal_scikit_learn(estimator, n_per_class):
+    """The closed form on moments merged over batches of 7 (fourth moment shifted at each
+    merge), batched over classes, against sklearn directly (no factorisation in between)."""
+    from sklearn.covariance import OAS, LedoitWolf
+
+    from idefender_gpu.detector._moments import batch_moments, merge_moments, shrunk_covariances
+
+    x, y = gaussian_classes(n_per_class, seed=6, width=D)
+    x = x + 50.0  # away from the origin: the shifts matter
+    total = None
+    for start in range(0, x.shape[0], 7):
+        part = batch_moments(x[start:start + 7], y[start:start + 7], C, diagonal=False, higher=True)
+        total = merge_moments(total, part)
+    got = shrunk_covariances(total, estimator)
+    Oracle = LedoitWolf if estimator == "ledoit-wolf" else OAS
+    for c in range(C):
+        expected = torch.as_tensor(Oracle(assume_centered=False).fit(x[y == c].numpy()).covariance_)
+        torch.testing.assert_close(got[c], expected, rtol=1e-11, atol=1e-12)

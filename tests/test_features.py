@@ -351,3 +351,25 @@ def test_handle_class_directly_with_specs():
         model(torch.randn(1, 5))
         assert hooks.pop()["2"].shape == (1, 6)
     assert "removed" in repr(hooks)
+
+
+def test_collect_iterates_the_loader_once():
+    """One iter() per pass: tqdm.auto's bar used to call iter(loader) twice (a wasted pass,
+    DataLoader workers started twice)."""
+    import torch
+    from torch import nn
+
+    from idefender_gpu.features import collect
+
+    class Counting:
+        def __init__(self):
+            self.iters = 0
+
+        def __iter__(self):
+            self.iters += 1
+            return iter([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))])
+
+    for progress in (False, True):
+        data = Counting()
+        collect(nn.Sequential(nn.Linear(3, 2)), data, progress=progress)
+        assert data.iters == 1

@@ -98,6 +98,14 @@ class _DetectorBase:
     def _min_per_class(self) -> int:
         return 1
 
+    def _streams_fit(self) -> bool:
+        """Whether :meth:`fit` streams the loader (:meth:`_fit_streamed`) instead of holding
+        every hidden state."""
+        return False
+
+    def _fit_streamed(self, loader: Iterable, specs) -> None:
+        raise NotImplementedError
+
     def _scores_all_classes(self) -> bool:
         """Whether :meth:`_scoring_class` needs the log-density of every class (else it is
         called with ``log_density=None`` and only the scored class is evaluated)."""
@@ -200,7 +208,10 @@ class _DetectorBase:
         Notes
         -----
         The hidden states of the whole loader are held on the model's device during the
-        fit (``N × Σ_layers D`` values).
+        fit (``N × Σ_layers D`` values), except for a detector with one Gaussian per class
+        (``IDefender(n_components=1)``): it streams the loader twice (per-class moments,
+        then the thresholds), holding one batch at a time, and the loader must be
+        re-iterable (a one-shot iterator raises a ``TypeError``).
 
         Inside :func:`idefender_gpu.distributed.data_parallel` (under ``torchrun``), the
         loader is this rank's shard (e.g. with a ``DistributedSampler``): each layer's
@@ -213,6 +224,9 @@ class _DetectorBase:
         writes the file.
         """
         specs = self._validate()
+        if self._streams_fit():
+            self._fit_streamed(loader, specs)  # sets the fitted state only once it succeeded
+            return self
         density_cls = DENSITIES[self._density_name]
         data = labelled_states(self.model, loader, specs, what="fit", min_per_class=self._min_per_class(),
                                progress=self.progress, owner=type(self).__name__,

@@ -9,8 +9,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu._param_validation import Interval
-from idefender_gpu.detector._base import _DetectorBase
+from idefender_gpu._param_validation import Interval, Options
+from idefender_gpu._validation import resolve_dtype
+from idefender_gpu.detector._base import _DetectorBase, logger
+from idefender_gpu.detector._densities import ClassMixtures, sum_log_density
+from idefender_gpu.detector._moments import COVARIANCE_ESTIMATORS, gaussian_parameters
+from idefender_gpu.detector._states import streamed_moments, streamed_thresholds
 from idefender_gpu.mixture import BatchedGaussianMixture
 
 __all__ = ["IDefender"]
@@ -50,6 +54,16 @@ class IDefender(_DetectorBase):
     covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
         As in :class:`idefender_gpu.mixture.GaussianMixture` ('tied': one covariance per
         class shared by that class's components).
+    covariance_estimator : {'empirical', 'ledoit-wolf', 'oas'}, default='empirical'
+        How each class's covariance is estimated, with ``n_components=1`` only:
+        'empirical' is the maximum-likelihood (sample) covariance; 'ledoit-wolf' and 'oas'
+        shrink it towards ``tr(Σ)/D · I`` by scikit-learn's closed-form shrinkage
+        (``sklearn.covariance.LedoitWolf`` / ``OAS``, per class, not assuming centred data),
+        for classes with few samples for their width (the sample covariance of ``n < D``
+        samples is singular). Only with ``covariance_type`` 'full' or 'tied' (the same for
+        one component). ``reg_covar`` is added to the diagonal after shrinkage. Cost: the
+        same pass as the empirical fit ('ledoit-wolf' also accumulates one D-vector and one
+        scalar per class, for the fourth moment).
     keep : float in (0, 1], default=0.95
         Fraction of each class's natural data the thresholds keep: 0.95 for ID-95, 0.99
         for ID-99.
@@ -99,13 +113,20 @@ class IDefender(_DetectorBase):
 
     Notes
     -----
-    :meth:`fit` runs the loader once, groups the hidden states by their true labels and
-    fits all classes' mixtures of a layer in one batched EM pass
-    (:class:`~idefender_gpu.mixture.BatchedGaussianMixture`, G = n_classes); layers have
-    different widths, so each layer gets its own batched fit. :meth:`log_density` is
-    an ordinary autograd function of the input, the function attacks differentiate: it
-    calls :func:`idefender_gpu.kernels.log_gaussian_prob`, adds the log-weights and
-    reduces with logsumexp. Every class is evaluated (``(B, n_classes)``).
+    With ``n_components=1``, :meth:`fit` streams: one pass over the loader merges per-class
+    counts, means and centred scatters batch by batch (Chan et al.'s pairwise update), the
+    Gaussians follow in closed form, and a second pass scores the training data under
+    their true classes for the thresholds; no more than one batch of hidden states is
+    held, so the loader must be re-iterable (a list or a ``DataLoader``). With more
+    components, :meth:`fit` runs the loader once, groups the hidden states by their true
+    labels and fits all classes' mixtures of a layer in one batched EM pass
+    (:class:`~idefender_gpu.mixture.BatchedGaussianMixture`, G = n_classes), holding every
+    hidden state; layers have different widths, so each layer gets its own batched fit.
+    :meth:`log_density` is an ordinary autograd function of the input, the function
+    attacks differentiate: it calls :func:`idefender_gpu.kernels.log_gaussian_prob`, adds
+    the log-weights and reduces with logsumexp. ``log_density(x)`` evaluates every class
+    (``(B, n_classes)``, in blocks of classes); :meth:`score`, :meth:`reject` and
+    :meth:`predict` only the predicted class.
 
     Examples
     --------
@@ -133,6 +154,7 @@ class IDefender(_DetectorBase):
            for name in ("n_components", "covariance_type", "tol", "n_init", "init_params",
                         "random_state")},
         "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "covariance_estimator": [Options(str, set(COVARIANCE_ESTIMATORS))],
     }
 
     def __init__(
@@ -142,6 +164,7 @@ class IDefender(_DetectorBase):
         n_components: int = 1,
         *,
         covariance_type: str = "full",
+        covariance_estimator: str = "empirical",
         keep: float = 0.95,
         reg_covar: float = 1e-4,
         tol: float = 1e-3,
@@ -155,8 +178,45 @@ class IDefender(_DetectorBase):
     ) -> None:
         self._init(locals())
 
+    def _validate(self):
+        specs = super()._validate()
+        if self.covariance_estimator != "empirical":
+            if self.n_components != 1:
+                raise ValueError(
+                    f"covariance_estimator={self.covariance_estimator!r} needs n_components=1 (a "
+                    f"closed-form shrinkage of one Gaussian per class); got n_components={self.n_components}"
+                )
+            if self.covariance_type not in ("full", "tied"):
+                raise ValueError(
+                    f"covariance_estimator={self.covariance_estimator!r} needs covariance_type 'full' or "
+                    f"'tied' (it shrinks a full covariance); got covariance_type={self.covariance_type!r}"
+                )
+        return specs
+
     def _min_per_class(self) -> int:
         return max(2, self.n_components)
+
+    def _streams_fit(self) -> bool:
+        return self.n_components == 1
+
+    def _fit_streamed(self, loader, specs) -> None:
+        """One pass for the class moments, the Gaussians in closed form, one pass for the thresholds."""
+        fitted = streamed_moments(
+            self.model, loader, specs, resolve_dtype=lambda h: resolve_dtype(self.dtype, h),
+            diagonal=self.covariance_type in ("diag", "spherical"),
+            higher=self.covariance_estimator == "ledoit-wolf", min_per_class=self._min_per_class(),
+            progress=self.progress, owner=type(self).__name__)
+        densities = {}
+        for spec, moments in fitted.moments.items():
+            params = gaussian_parameters(moments, self.covariance_type, float(self.reg_covar),
+                                         self.covariance_estimator)
+            densities[spec] = ClassMixtures(*params, self.covariance_type)
+        logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
+        thresholds = streamed_thresholds(
+            self.model, loader, specs,
+            lambda states, classes: sum_log_density(densities, states, self.memory_budget, classes),
+            fitted, float(self.keep), progress=self.progress)
+        self._set_fitted(specs, densities, fitted.n_classes, fitted.input_shape, thresholds, self.keep)
 
     def _fit_options(self, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         return {
@@ -179,6 +239,7 @@ class IDefender(_DetectorBase):
         return {
             "n_components": int(self.n_components),
             "covariance_type": self.covariance_type,
+            "covariance_estimator": self.covariance_estimator,
             "reg_covar": float(self.reg_covar),
             "tol": float(self.tol),
             "max_iter": int(self.max_iter),

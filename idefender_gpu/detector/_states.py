@@ -12,6 +12,10 @@ Every place where a detector behaves differently inside
 * :meth:`LabelledStates.thresholds` scores the states under their true classes and turns
   the scores into per-class thresholds (paper Eq. 5); inside ``data_parallel`` over the
   scores of every rank (exact per-class order statistics);
+* :func:`streamed_moments` and :func:`streamed_thresholds` are the one-pass fit's two
+  passes over a re-iterable loader (one Gaussian per class, :mod:`._moments`): per-class
+  moments merged batch by batch (then over the ranks), and the scores under the true
+  classes; neither holds more than one batch of hidden states;
 * :func:`write_once` runs a write on rank 0 only (every rank holds the same detector).
 
 :func:`class_thresholds` is the pure per-class quantile.
@@ -22,15 +26,17 @@ from __future__ import annotations
 import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from idefender_gpu.detector._moments import ClassMoments, all_reduce_moments, batch_moments, merge_moments
 from idefender_gpu.distributed import current as current_data_parallel
-from idefender_gpu.features import LayerSpec, _collect
+from idefender_gpu.features import LayerSpec, _batches, _collect
 
-__all__ = ["LabelledStates", "class_thresholds", "labelled_states", "write_once"]
+__all__ = ["LabelledStates", "StreamedMoments", "class_thresholds", "labelled_states", "streamed_moments",
+           "streamed_thresholds", "write_once"]
 
 #: Input dimensions compared across ranks (with the number of elements).
 _SHAPE_DIMS = 6
@@ -203,17 +209,17 @@ def labelled_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpe
     else:
         (collected, n_classes), table = setting.exchange(collect, 3 + _SHAPE_DIMS,
                                                          f"collecting the hidden states to {what}")
-        if any(row != table[0] for row in table):
-            got = ", ".join(f"{row[0]} classes and per-sample input shape {tuple(row[3:3 + row[1]])}"
-                            f" on rank {r}" for r, row in enumerate(table))
-            raise ValueError(
-                "loader inputs must have the same per-sample shape, and the model the same "
-                f"number of classes, on every rank of a data-parallel fit; got {got}"
-            )
+        _check_table(table)
         (counts,) = setting.sum_parts(
             lambda: [torch.bincount(collected.labels, minlength=n_classes)], [(n_classes,)],
             torch.int64, collected.labels.device, "counting the samples of each class")
     counts = counts.tolist()
+    _check_counts(counts, min_per_class, what)
+    return LabelledStates(collected.states, collected.labels, n_classes, collected.input_shape,
+                          counts, what, setting)
+
+
+def _check_counts(counts: list[int], min_per_class: int, what: str) -> None:
     short = [c for c, n in enumerate(counts) if n < min_per_class]
     if short:
         c = short[0]
@@ -222,8 +228,159 @@ def labelled_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpe
             f"detector; got {counts[c]} of class {c}"
             + (f" ({len(short)} classes short)" if len(short) > 1 else "")
         )
-    return LabelledStates(collected.states, collected.labels, n_classes, collected.input_shape,
-                          counts, what, setting)
+
+
+def _check_table(table: list[list[int]]) -> None:
+    """The ranks agree on the number of classes and the per-sample input shape."""
+    if any(row != table[0] for row in table):
+        got = ", ".join(f"{row[0]} classes and per-sample input shape {tuple(row[3:3 + row[1]])}"
+                        f" on rank {r}" for r, row in enumerate(table))
+        raise ValueError(
+            "loader inputs must have the same per-sample shape, and the model the same "
+            f"number of classes, on every rank of a data-parallel fit; got {got}"
+        )
+
+
+def _check_reiterable(loader: Any, owner: str) -> None:
+    if isinstance(loader, Iterator):  # never call iter() here: it would start a pass (DataLoader workers)
+        raise TypeError(
+            f"loader must be re-iterable (a list, a DataLoader or another iterable whose iter() "
+            f"starts afresh) for {owner}.fit with one component per class: it reads the data "
+            "twice (the class moments, then the thresholds) and never holds every hidden state; "
+            f"got a one-shot iterator of type {type(loader).__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class StreamedMoments:
+    """What the first pass of a streamed fit returns.
+
+    Attributes
+    ----------
+    moments : dict of str to ClassMoments
+        Per layer spec, of all ranks' data.
+    n_classes : int
+    input_shape : tuple of int
+    counts : list of int
+        Samples of each class, over all ranks.
+    dtype : torch.dtype
+        The compute dtype the moments are in.
+    """
+
+    moments: dict[str, ClassMoments]
+    n_classes: int
+    input_shape: tuple[int, ...]
+    counts: list[int]
+    dtype: torch.dtype
+
+
+def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
+                     resolve_dtype: Callable[[Tensor], torch.dtype], diagonal: bool, higher: bool,
+                     min_per_class: int = 1, progress: bool | None = None,
+                     owner: str = "detector") -> StreamedMoments:
+    """One pass over ``loader``: per layer, per-class moments merged batch by batch.
+
+    Parameters
+    ----------
+    model, loader, specs
+        As :func:`labelled_states`; ``loader`` must be re-iterable (checked first).
+    resolve_dtype : callable
+        ``first hidden state -> compute dtype``.
+    diagonal, higher : bool
+        Diagonal scatters only; third and fourth moments too (Ledoit-Wolf).
+    min_per_class, progress, owner
+        As :func:`labelled_states`.
+
+    Raises
+    ------
+    TypeError
+        For a one-shot iterator (before reading), or what :func:`labelled_states` raises.
+    ValueError
+        As :func:`labelled_states`.
+    """
+    _check_reiterable(loader, owner)
+    setting = current_data_parallel()
+
+    def run() -> tuple[list[int], tuple[Any, int, tuple[int, ...], torch.dtype]]:
+        totals: dict[str, ClassMoments | None] = {spec.spec: None for spec in specs}
+        n_classes, dtype, input_shape = None, None, None
+        for batch in _batches(model, loader, specs, progress=progress, desc="fit: class moments"):
+            if batch.labels is None:
+                raise ValueError("loader must yield (inputs, labels) pairs to fit a detector; got inputs only")
+            if n_classes is None:
+                output = batch.output
+                if not isinstance(output, Tensor) or output.ndim != 2:
+                    raise ValueError(
+                        "model must return logits of shape (B, n_classes) to be guarded by a detector; "
+                        "got another output"
+                    )
+                n_classes = int(output.shape[1])
+                dtype = resolve_dtype(next(iter(batch.states.values())))
+                input_shape = batch.input_shape
+            labels = batch.labels
+            if labels.numel():
+                low, high = (int(v) for v in torch.aminmax(labels))
+                if low < 0 or high >= n_classes:
+                    raise ValueError(
+                        f"loader labels must be class labels in [0, n_classes) = [0, {n_classes}) (n_classes "
+                        f"is the width of the model's output); got label {low if low < 0 else high}"
+                    )
+            for spec, h in batch.states.items():
+                part = batch_moments(h.to(dtype), labels, n_classes, diagonal=diagonal, higher=higher)
+                totals[spec] = merge_moments(totals[spec], part)
+        shape = list(input_shape[:_SHAPE_DIMS]) + [0] * (_SHAPE_DIMS - len(input_shape[:_SHAPE_DIMS]))
+        row = [n_classes, len(input_shape), int(torch.Size(input_shape).numel()), *shape]
+        return row, (totals, n_classes, input_shape, dtype)
+
+    if setting is None:
+        totals, n_classes, input_shape, dtype = run()[1]
+    else:
+        (totals, n_classes, input_shape, dtype), table = setting.exchange(
+            run, 3 + _SHAPE_DIMS, "streaming the class moments to fit")
+        _check_table(table)
+        totals = {spec: all_reduce_moments(setting, m, "merging the class moments of every rank")
+                  for spec, m in totals.items()}
+    counts = next(iter(totals.values())).counts
+    counts = [int(round(c)) for c in counts.tolist()]
+    _check_counts(counts, min_per_class, "fit")
+    return StreamedMoments(totals, n_classes, input_shape, counts, dtype)
+
+
+def streamed_thresholds(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec],
+                        log_density: Callable[[dict[str, Tensor], Tensor], Tensor], fitted: StreamedMoments,
+                        keep: float, progress: bool | None = None) -> Tensor:
+    """The second pass: scores under the true classes, batch by batch; per-class thresholds.
+
+    Only the scores and labels ``(N,)`` are kept. Inside ``data_parallel`` they are gathered
+    from every rank (exact order statistics).
+
+    Raises
+    ------
+    ValueError
+        If the loader yields other data than in the first pass (per-sample shape or
+        per-class counts).
+    """
+    setting = current_data_parallel()
+    guard = setting.guard("scoring its training data") if setting else nullcontext()
+    scores, labels = [], []
+    with guard:
+        for batch in _batches(model, loader, specs, progress=progress, desc="fit: thresholds"):
+            if batch.labels is None or batch.input_shape != fitted.input_shape:
+                raise ValueError("loader must yield the same (inputs, labels) on every pass of the fit; "
+                                 f"batch {batch.index} differs from the first pass")
+            with torch.no_grad():
+                scores.append(log_density(batch.states, batch.labels))  # (B,)
+            labels.append(batch.labels)
+        scores, labels = torch.cat(scores), torch.cat(labels)
+        if setting is None:
+            again = torch.bincount(labels, minlength=fitted.n_classes).tolist()
+            if again != fitted.counts:
+                raise ValueError("loader must yield the same (inputs, labels) on every pass of the fit; "
+                                 "the per-class counts of the second pass differ from the first")
+    if setting is not None:  # one score and one label per sample: exact order statistics
+        scores = setting.gather_rows(scores, "gathering the training scores")
+        labels = setting.gather_rows(labels, "gathering the training labels")
+    return class_thresholds(scores, labels, fitted.n_classes, keep)
 
 
 def write_once(write: Callable[[], None], what: str) -> None:
