@@ -391,3 +391,127 @@ def test_shrunk_covariances_of_merged_moments_equal_scikit_learn(estimator, n_pe
     for c in range(C):
         expected = torch.as_tensor(Oracle(assume_centered=False).fit(x[y == c].numpy()).covariance_)
         torch.testing.assert_close(got[c], expected, rtol=1e-11, atol=1e-12)
+
+
+class _ThreadRanks:
+    """A stand-in for ``DataParallel.sum_parts``: ranks are threads meeting at a barrier."""
+
+    def __init__(self, world_size):
+        import threading
+
+        self.barrier = threading.Barrier(world_size)
+        self.parts = {}
+
+    def sum_parts(self, compute, shapes, dtype, device, what):
+        import threading
+
+        me = threading.get_ident()
+        self.barrier.wait()
+        self.parts[me] = compute()
+        self.barrier.wait()
+        total = [sum(parts[i] for parts in self.parts.values()) for i in range(len(shapes))]
+        self.barrier.wait()
+        return total
+
+
+@pytest.mark.parametrize("diagonal, higher", [(False, True), (True, False)])
+def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher):
+    """Three 'ranks' (threads) with unequal shards, a class absent from one: the merged
+    moments equal those of all the data (counts, means, scatter, third and fourth moments)."""
+    import threading
+
+    from idefender_gpu.detector._moments import all_reduce_moments, batch_moments
+
+    x, y = gaussian_classes(20, seed=8)
+    x = x + 30.0
+    keep = [(y != 2) & (torch.arange(y.shape[0]) % 3 == 0), torch.arange(y.shape[0]) % 3 == 1,
+            torch.arange(y.shape[0]) % 3 == 2]
+    keep[0] |= (y == 2) & (torch.arange(y.shape[0]) % 3 == 0)
+    keep[0] &= y != 5  # class 5 absent from rank 0
+    rest = ~(keep[0] | keep[1] | keep[2])
+    keep[1] |= rest
+    setting = _ThreadRanks(3)
+    results = [None] * 3
+
+    def rank(r):
+        m = batch_moments(x[keep[r]], y[keep[r]], C, diagonal=diagonal, higher=higher)
+        results[r] = all_reduce_moments(setting, m, "test")
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = batch_moments(x, y, C, diagonal=diagonal, higher=higher)
+    for got in results:
+        for a, b in zip(got._fields(), expected._fields()):
+            if b is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-9)
+
+
+_PEAK_RSS = """
+import json, sys
+import torch
+from torch import nn
+from idefender_gpu import IDefender
+from idefender_gpu.features import collect
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+class OnTheFly:
+    '''n_batches batches of 2000 states x 256 made on the fly (10 classes), the same on every pass.'''
+    def __init__(self, n_batches):
+        self.n_batches = n_batches
+    def __iter__(self):
+        for b in range(self.n_batches):
+            g = torch.Generator().manual_seed(b)
+            y = torch.randint(0, 10, (2000,), generator=g)
+            yield torch.randn(2000, 256, generator=g) + y[:, None].float(), y
+
+torch.set_num_threads(1)
+mode, n_batches = sys.argv[1], int(sys.argv[2])
+model = nn.Sequential(nn.Linear(256, 10))
+IDefender(model, n_components=1, progress=False).fit(OnTheFly(2))  # warm-up
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
+base = status("VmRSS")
+if mode == "fit":
+    IDefender(model, n_components=1, progress=False).fit(OnTheFly(n_batches))
+else:
+    states = collect(model, OnTheFly(n_batches), progress=False)
+print(json.dumps({"base": base, "peak": status("VmHWM")}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_streamed_fit_memory_does_not_grow_with_the_number_of_batches():
+    """Peak RSS (VmHWM reset before the fit) of a K=1 fit over 10 and 100 batches of
+    2000 x 256 float32 states made on the fly: 100 batches hold 205 MB of states, the fit
+    keeps only a score and a label per sample and sorts them for the thresholds (a few
+    arrays of N = 200,000 scalars, about 10 MB), so its peak may grow by at most 24 MiB;
+    collecting the states (what the fit did before) grows by more than 150 MB (so the
+    measurement can fail)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def peak(mode, n_batches):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, mode, str(n_batches)], capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        return record["peak"] - record["base"]
+
+    growth = peak("fit", 100) - peak("fit", 10)
+    assert growth < 24 * 2**20, growth
+    held = peak("collect", 100) - peak("collect", 10)
+    assert held > 150 * 10**6, held
