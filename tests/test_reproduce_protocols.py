@@ -201,6 +201,9 @@ def test_parsers_of_the_new_commands():
     assert args.no_wide
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "graybox", "--n-holdout", "5"])
+    for bad in ("0.1,x", "0", "1.5", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["reproduce", "adaptive", "--eps", bad])
 
 
 def test_all_runs_every_experiment_with_the_shared_options(tmp_path, monkeypatch):

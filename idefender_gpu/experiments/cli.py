@@ -383,9 +383,23 @@ def _graybox(args: argparse.Namespace) -> int:
     return _run_protocol(args, "graybox", config, run_graybox, markdown)
 
 
+def eps_list(text: str) -> tuple[float, ...]:
+    """Comma-separated Linf radii in (0, 1]."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated floats in (0, 1] such as 0.1,0.3; got {text!r}")
+    return values
+
+
+eps_list.__name__ = "eps list"
+
+
 def _adaptive_options(parser: argparse.ArgumentParser) -> None:
     _protocol_options(parser, n_attack=500)
-    parser.add_argument("--eps", type=lambda t: tuple(float(e) for e in t.split(",")), default=(0.05, 0.1, 0.2, 0.3),
+    parser.add_argument("--eps", type=eps_list, default=(0.05, 0.1, 0.2, 0.3),
                         metavar="EPS", help="comma-separated Linf radii (default 0.05,0.1,0.2,0.3)")
     parser.add_argument("--steps", type=positive_int, default=40, metavar="N",
                         help="steps per attack run (default %(default)s)")
