@@ -414,8 +414,9 @@ class _ThreadRanks:
         return total
 
 
-@pytest.mark.parametrize("diagonal, higher", [(False, True), (True, False)])
-def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher):
+@pytest.mark.parametrize("diagonal, higher, pooled", [(False, True, False), (True, False, False),
+                                                     (False, False, True)])
+def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher, pooled):
     """Three 'ranks' (threads) with unequal shards, a class absent from one: the merged
     moments equal those of all the data (counts, means, scatter, third and fourth moments)."""
     import threading
@@ -434,7 +435,7 @@ def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher):
     results = [None] * 3
 
     def rank(r):
-        m = batch_moments(x[keep[r]], y[keep[r]], C, diagonal=diagonal, higher=higher)
+        m = batch_moments(x[keep[r]], y[keep[r]], C, diagonal=diagonal, higher=higher, pooled=pooled)
         results[r] = all_reduce_moments(setting, m, "test")
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
@@ -442,7 +443,7 @@ def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher):
         t.start()
     for t in threads:
         t.join()
-    expected = batch_moments(x, y, C, diagonal=diagonal, higher=higher)
+    expected = batch_moments(x, y, C, diagonal=diagonal, higher=higher, pooled=pooled)
     for got in results:
         for a, b in zip(got._fields(), expected._fields()):
             if b is None:
@@ -515,3 +516,20 @@ def test_streamed_fit_memory_does_not_grow_with_the_number_of_batches():
     assert growth < 24 * 2**20, growth
     held = peak("collect", 100) - peak("collect", 10)
     assert held > 150 * 10**6, held
+
+
+@pytest.mark.parametrize("order", ["shuffled", "sorted"])
+def test_streamed_mahalanobis_equals_the_in_memory_closed_form(order, data):
+    """The pooled scatter merged over uneven batches == the one-hot 'tied' M-step on all states."""
+    from idefender_gpu.detector._densities import SharedCovarianceGaussians
+
+    (x, y), (xt, _) = data
+    detector = MahalanobisDetector(Identity(), dtype="float64", progress=False).fit(
+        Batches(x, y, [1, 2, 97, 1, 150, 29, 200], order))
+    reference = SharedCovarianceGaussians.fit(x, y, C, {"reg_covar": 1e-4})
+    layer = detector.layers_[0]
+    torch.testing.assert_close(detector.means_[layer], reference.means, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(detector.precisions_cholesky_[layer], reference.prec_chol, rtol=1e-10,
+                               atol=1e-10)
+    torch.testing.assert_close(detector.thresholds_, _all_class_thresholds(detector, x, y), rtol=1e-12,
+                               atol=1e-10)

@@ -29,7 +29,7 @@ from idefender_gpu._param_validation import InstanceOf, Interval, Predicate, che
 from idefender_gpu._validation import resolve_dtype
 from idefender_gpu.detector import _io
 from idefender_gpu.detector._densities import DENSITIES, sum_log_density
-from idefender_gpu.detector._states import labelled_states, write_once
+from idefender_gpu.detector._states import labelled_states, streamed_moments, streamed_thresholds, write_once
 from idefender_gpu.exceptions import NotFittedError
 from idefender_gpu.features import (
     HiddenStateHooks,
@@ -103,8 +103,31 @@ class _DetectorBase:
         every hidden state."""
         return False
 
-    def _fit_streamed(self, loader: Iterable, specs) -> None:
+    def _moment_kinds(self) -> tuple[bool, bool, bool]:
+        """``(diagonal, higher, pooled)`` moments the streamed fit accumulates (:mod:`._moments`)."""
+        return False, False, False
+
+    def _density_from_moments(self, moments: Any) -> Any:
+        """The fitted density of one layer from its merged :class:`~._moments.ClassMoments`."""
         raise NotImplementedError
+
+    def _fit_streamed(self, loader: Iterable, specs) -> None:
+        """One pass for the class moments, the densities in closed form, one pass for the
+        thresholds (scored under the true classes); sets the fitted state at the end only."""
+        diagonal, higher, pooled = self._moment_kinds()
+        fitted = streamed_moments(
+            self.model, loader, specs, resolve_dtype=lambda h: resolve_dtype(self.dtype, h),
+            diagonal=diagonal, higher=higher, pooled=pooled, min_per_class=self._min_per_class(),
+            progress=self.progress, owner=type(self).__name__)
+        densities = {spec: self._density_from_moments(m) for spec, m in fitted.moments.items()}
+        start = time.perf_counter()
+        logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
+        thresholds = streamed_thresholds(
+            self.model, loader, specs,
+            lambda states, classes: sum_log_density(densities, states, self.memory_budget, classes),
+            fitted, float(self.keep), progress=self.progress)
+        logger.info("fit: thresholds done in %.1f s", time.perf_counter() - start)
+        self._set_fitted(specs, densities, fitted.n_classes, fitted.input_shape, thresholds, self.keep)
 
     def _scores_all_classes(self) -> bool:
         """Whether :meth:`_scoring_class` needs the log-density of every class (else it is
@@ -208,10 +231,10 @@ class _DetectorBase:
         Notes
         -----
         The hidden states of the whole loader are held on the model's device during the
-        fit (``N × Σ_layers D`` values), except for a detector with one Gaussian per class
-        (``IDefender(n_components=1)``): it streams the loader twice (per-class moments,
-        then the thresholds), holding one batch at a time, and the loader must be
-        re-iterable (a one-shot iterator raises a ``TypeError``).
+        fit (``N × Σ_layers D`` values), except for detectors with one Gaussian per class
+        (``IDefender(n_components=1)``, ``MahalanobisDetector``): they stream the loader
+        twice (per-class moments, then the thresholds), holding one batch at a time, and
+        the loader must be re-iterable (a one-shot iterator raises a ``TypeError``).
 
         Inside :func:`idefender_gpu.distributed.data_parallel` (under ``torchrun``), the
         loader is this rank's shard (e.g. with a ``DistributedSampler``): each layer's

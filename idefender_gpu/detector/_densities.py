@@ -254,7 +254,8 @@ class SharedCovarianceGaussians:
 
     means: Tensor
     prec_chol: Tensor
-    #: the closed-form fit is not data-parallel yet
+    #: :meth:`fit` (in memory) is not data-parallel; the detector fits by streaming
+    #: (:meth:`from_moments`), which is
     data_parallel: ClassVar[bool] = False
 
     @classmethod
@@ -274,6 +275,21 @@ class SharedCovarianceGaussians:
         prec_chol, info = kernels.compute_prec_chol(covariance, "tied")
         kernels.check_cholesky_info(info, "tied", dtype)
         return cls(means[0], prec_chol[0])
+
+    @classmethod
+    def from_moments(cls, moments: Any, reg_covar: float) -> "SharedCovarianceGaussians":
+        """From merged per-class moments with a pooled scatter (:mod:`._moments`, a
+        duck-typed ``ClassMoments``):
+        ``Σ = Σ_c S_c / Σ_c n_c + reg_covar · I`` (counts floored by ``10 eps`` as in
+        :meth:`fit`, which it equals to round-off)."""
+        dtype = moments.means.dtype
+        nk = moments.counts + 10 * torch.finfo(dtype).eps  # (C,)
+        covariance = moments.scatter / nk.sum()  # (D, D): the pooled scatter Σ_c S_c
+        covariance = covariance + reg_covar * torch.eye(covariance.shape[0], dtype=dtype,
+                                                        device=covariance.device)
+        prec_chol, info = kernels.compute_prec_chol(covariance.unsqueeze(0), "tied")
+        kernels.check_cholesky_info(info, "tied", dtype)
+        return cls(moments.means, prec_chol[0])
 
     def log_prob(self, h: Tensor, memory_budget: int | None = None) -> Tensor:
         """``log N(h | μ_c, Σ)`` for every class: ``h (B, D)`` -> ``(B, n_classes)``.

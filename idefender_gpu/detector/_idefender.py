@@ -10,11 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from idefender_gpu._param_validation import Interval, Options
-from idefender_gpu._validation import resolve_dtype
-from idefender_gpu.detector._base import _DetectorBase, logger
-from idefender_gpu.detector._densities import ClassMixtures, sum_log_density
+from idefender_gpu.detector._base import _DetectorBase
+from idefender_gpu.detector._densities import ClassMixtures
 from idefender_gpu.detector._moments import COVARIANCE_ESTIMATORS, gaussian_parameters
-from idefender_gpu.detector._states import streamed_moments, streamed_thresholds
 from idefender_gpu.mixture import BatchedGaussianMixture
 
 __all__ = ["IDefender"]
@@ -199,24 +197,13 @@ class IDefender(_DetectorBase):
     def _streams_fit(self) -> bool:
         return self.n_components == 1
 
-    def _fit_streamed(self, loader, specs) -> None:
-        """One pass for the class moments, the Gaussians in closed form, one pass for the thresholds."""
-        fitted = streamed_moments(
-            self.model, loader, specs, resolve_dtype=lambda h: resolve_dtype(self.dtype, h),
-            diagonal=self.covariance_type in ("diag", "spherical"),
-            higher=self.covariance_estimator == "ledoit-wolf", min_per_class=self._min_per_class(),
-            progress=self.progress, owner=type(self).__name__)
-        densities = {}
-        for spec, moments in fitted.moments.items():
-            params = gaussian_parameters(moments, self.covariance_type, float(self.reg_covar),
-                                         self.covariance_estimator)
-            densities[spec] = ClassMixtures(*params, self.covariance_type)
-        logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
-        thresholds = streamed_thresholds(
-            self.model, loader, specs,
-            lambda states, classes: sum_log_density(densities, states, self.memory_budget, classes),
-            fitted, float(self.keep), progress=self.progress)
-        self._set_fitted(specs, densities, fitted.n_classes, fitted.input_shape, thresholds, self.keep)
+    def _moment_kinds(self) -> tuple[bool, bool, bool]:
+        return self.covariance_type in ("diag", "spherical"), self.covariance_estimator == "ledoit-wolf", False
+
+    def _density_from_moments(self, moments) -> ClassMixtures:
+        params = gaussian_parameters(moments, self.covariance_type, float(self.reg_covar),
+                                     self.covariance_estimator)
+        return ClassMixtures(*params, self.covariance_type)
 
     def _fit_options(self, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from idefender_gpu._param_validation import Options
 from idefender_gpu.detector._base import _DetectorBase
+from idefender_gpu.detector._densities import SharedCovarianceGaussians
 
 __all__ = ["MahalanobisDetector"]
 
@@ -69,7 +70,13 @@ class MahalanobisDetector(_DetectorBase):
 
     Notes
     -----
-    The density is evaluated by :func:`idefender_gpu.kernels.log_gaussian_prob` as one
+    :meth:`fit` streams a re-iterable loader twice and never holds every hidden state: one
+    pass merges the class counts, means and the pooled within-class scatter (one ``D x D``
+    matrix for all classes) batch by batch, one pass scores the training data under their
+    true classes for the thresholds. Inside :func:`idefender_gpu.distributed.data_parallel`
+    the ranks' moments are all-reduced (the one-process detector to round-off).
+    The score under the 'closest' class needs every class's density; under 'predicted'
+    only that class is evaluated. The density is evaluated by :func:`idefender_gpu.kernels.log_gaussian_prob` as one
     group whose components are the classes with a ``'tied'`` covariance: the same kernel
     as :class:`IDefender`, differentiable with respect to the input.
 
@@ -106,6 +113,15 @@ class MahalanobisDetector(_DetectorBase):
 
     def _config(self) -> dict[str, Any]:
         return {"reg_covar": float(self.reg_covar), "score_class": self.score_class}
+
+    def _streams_fit(self) -> bool:
+        return True
+
+    def _moment_kinds(self) -> tuple[bool, bool, bool]:
+        return False, False, True  # one pooled scatter (D, D), not one per class
+
+    def _density_from_moments(self, moments) -> SharedCovarianceGaussians:
+        return SharedCovarianceGaussians.from_moments(moments, float(self.reg_covar))
 
     def _scores_all_classes(self) -> bool:
         return self.score_class == "closest"  # the closest class needs every class's density

@@ -55,7 +55,8 @@ class ClassMoments:
     counts : Tensor of shape (C,)
         In the compute dtype (exact integers).
     means : Tensor of shape (C, D)
-    scatter : Tensor of shape (C, D, D), or (C, D) when ``diagonal``
+    scatter : Tensor of shape (C, D, D), or (C, D) when ``diagonal``, or (D, D) when ``pooled``
+        (the sum over classes ``Σ_c S_c``: all a shared covariance needs, ``C`` times smaller)
     third : Tensor of shape (C, D) or None
         ``Σ ‖h - μ‖² (h - μ)`` (Ledoit-Wolf only).
     fourth : Tensor of shape (C,) or None
@@ -67,13 +68,16 @@ class ClassMoments:
     scatter: Tensor
     third: Tensor | None = None
     fourth: Tensor | None = None
+    pooled: bool = False
 
     @property
     def diagonal(self) -> bool:
-        return self.scatter.ndim == 2
+        return self.scatter.ndim == 2 and not self.pooled
 
     def take(self, index: Tensor) -> "ClassMoments":
-        return ClassMoments(*(None if t is None else t[index] for t in self._fields()))
+        """The moments of some classes (a pooled scatter is kept whole)."""
+        fields = [t if t is None or (i == 2 and self.pooled) else t[index] for i, t in enumerate(self._fields())]
+        return ClassMoments(*fields, pooled=self.pooled)
 
     def _fields(self) -> tuple:
         return (self.counts, self.means, self.scatter, self.third, self.fourth)
@@ -89,7 +93,7 @@ def _segments(h: Tensor, labels: Tensor, n_classes: int) -> tuple[Tensor, Tensor
 
 
 def batch_moments(h: Tensor, labels: Tensor, n_classes: int, *, diagonal: bool,
-                  higher: bool) -> ClassMoments:
+                  higher: bool, pooled: bool = False) -> ClassMoments:
     """The moments of one batch ``h (N, D)`` with ``labels (N,)``, every class (zeros if absent).
 
     The full scatter is one batched ``Σ d dᵀ`` over single-class tiles of the batch (no
@@ -97,7 +101,9 @@ def batch_moments(h: Tensor, labels: Tensor, n_classes: int, *, diagonal: bool,
     """
     counts, means, centred, _ = _segments(h, labels, n_classes)
     C, D = n_classes, h.shape[1]
-    if diagonal:
+    if pooled:
+        scatter = centred.mT @ centred  # (D, D) = Σ_c S_c
+    elif diagonal:
         scatter = h.new_zeros(C, D).index_add_(0, labels, centred.square())
     else:
         tiles = class_tiles(labels, C)
@@ -108,7 +114,7 @@ def batch_moments(h: Tensor, labels: Tensor, n_classes: int, *, diagonal: bool,
         norm2 = centred.square().sum(1)  # (N,)
         third = h.new_zeros(C, D).index_add_(0, labels, norm2.unsqueeze(1) * centred)
         fourth = h.new_zeros(C).index_add_(0, labels, norm2.square())
-    return ClassMoments(counts, means, scatter, third, fourth)
+    return ClassMoments(counts, means, scatter, third, fourth, pooled)
 
 
 def _trace(scatter: Tensor) -> Tensor:
@@ -150,16 +156,21 @@ def merge_moments(total: ClassMoments | None, part: ClassMoments) -> ClassMoment
     delta = b.means - a.means  # (P, D)
     means = a.means + delta * frac
     weight = (a.counts * b.counts / n).unsqueeze(1)  # (P, 1)
-    if not a.diagonal:
-        weight = weight.unsqueeze(2)
-    scatter = a.scatter + b.scatter + _outer(delta, delta, a.diagonal) * weight
+    if a.pooled:
+        scatter = a.scatter + b.scatter + (delta * weight).mT @ delta  # (D, D)
+    else:
+        if not a.diagonal:
+            weight = weight.unsqueeze(2)
+        scatter = a.scatter + b.scatter + _outer(delta, delta, a.diagonal) * weight
     third = fourth = None
     if a.third is not None:
         sa, sb = _shifted(a, a.means - means), _shifted(b, b.means - means)
         third, fourth = sa.third + sb.third, sa.fourth + sb.fourth
-    merged = ClassMoments(n, means, scatter, third, fourth)
-    for old, new in zip(total._fields(), merged._fields()):
-        if old is not None:
+    merged = ClassMoments(n, means, scatter, third, fourth, a.pooled)
+    for index, (old, new) in enumerate(zip(total._fields(), merged._fields())):
+        if index == 2 and a.pooled:
+            old.copy_(new)
+        elif old is not None:
             old.index_copy_(0, present, new)  # in place: the totals belong to the fit
     return total
 
@@ -179,7 +190,10 @@ def all_reduce_moments(setting: Any, m: ClassMoments, what: str) -> ClassMoments
     def shifted() -> list[Tensor]:
         d = m.means - means  # (C, D); absent classes have zero count and contribute nothing
         weight = m.counts.unsqueeze(1)
-        scatter = m.scatter + _outer(d, d, m.diagonal) * (weight if m.diagonal else weight.unsqueeze(2))
+        if m.pooled:
+            scatter = m.scatter + (d * weight).mT @ d
+        else:
+            scatter = m.scatter + _outer(d, d, m.diagonal) * (weight if m.diagonal else weight.unsqueeze(2))
         parts = [scatter]
         if m.third is not None:
             s = _shifted(m, d)
@@ -188,7 +202,7 @@ def all_reduce_moments(setting: Any, m: ClassMoments, what: str) -> ClassMoments
 
     shapes = [tuple(m.scatter.shape)] + ([(C, D), (C,)] if m.third is not None else [])
     parts = setting.sum_parts(shifted, shapes, dtype, device, f"{what} (centred moments)")
-    return ClassMoments(counts, means, *parts)
+    return ClassMoments(counts, means, *parts, pooled=m.pooled)
 
 
 def shrunk_covariances(m: ClassMoments, estimator: str) -> Tensor:

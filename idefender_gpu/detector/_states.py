@@ -276,7 +276,7 @@ class StreamedMoments:
 
 def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
                      resolve_dtype: Callable[[Tensor], torch.dtype], diagonal: bool, higher: bool,
-                     min_per_class: int = 1, progress: bool | None = None,
+                     pooled: bool = False, min_per_class: int = 1, progress: bool | None = None,
                      owner: str = "detector") -> StreamedMoments:
     """One pass over ``loader``: per layer, per-class moments merged batch by batch.
 
@@ -286,8 +286,9 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
         As :func:`labelled_states`; ``loader`` must be re-iterable (checked first).
     resolve_dtype : callable
         ``first hidden state -> compute dtype``.
-    diagonal, higher : bool
-        Diagonal scatters only; third and fourth moments too (Ledoit-Wolf).
+    diagonal, higher, pooled : bool
+        Diagonal scatters only; third and fourth moments too (Ledoit-Wolf); one scatter
+        summed over the classes (a shared covariance).
     min_per_class, progress, owner
         As :func:`labelled_states`.
 
@@ -326,7 +327,8 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
                         f"is the width of the model's output); got label {low if low < 0 else high}"
                     )
             for spec, h in batch.states.items():
-                part = batch_moments(h.to(dtype), labels, n_classes, diagonal=diagonal, higher=higher)
+                part = batch_moments(h.to(dtype), labels, n_classes, diagonal=diagonal, higher=higher,
+                                     pooled=pooled)
                 totals[spec] = merge_moments(totals[spec], part)
         shape = list(input_shape[:_SHAPE_DIMS]) + [0] * (_SHAPE_DIMS - len(input_shape[:_SHAPE_DIMS]))
         row = [n_classes, len(input_shape), int(torch.Size(input_shape).numel()), *shape]
