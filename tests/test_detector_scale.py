@@ -257,7 +257,7 @@ def test_shrinkage_equals_scikit_learn(estimator, n_per_class):
 
     x, y = gaussian_classes(n_per_class, seed=4, width=D)
     reg = 1e-3
-    stream = Batches(x, y, [3] * (x.shape[0] // 3) + [x.shape[0] % 3] * bool(x.shape[0] % 3))
+    stream = Batches(x, y, [13] * (x.shape[0] // 13) + [x.shape[0] % 13] * bool(x.shape[0] % 13))
     detector = IDefender(Identity(), n_components=1, covariance_estimator=estimator, reg_covar=reg,
                          dtype="float64", progress=False).fit(stream)
     P = detector.precisions_cholesky_[detector.layers_[0]][:, 0]  # (C, D, D)
@@ -374,7 +374,7 @@ def test_streamed_fit_checks_like_the_in_memory_fit(data):
 @pytest.mark.parametrize("estimator", ["ledoit-wolf", "oas"])
 @pytest.mark.parametrize("n_per_class", [2, 5, 300])
 def test_shrunk_covariances_of_merged_moments_equal_scikit_learn(estimator, n_per_class):
-    """The closed form on moments merged over batches of 7 (fourth moment shifted at each
+    """The closed form on moments merged over batches of 7 or 61 (fourth moment shifted at each
     merge), batched over classes, against sklearn directly (no factorisation in between)."""
     from sklearn.covariance import OAS, LedoitWolf
 
@@ -383,9 +383,11 @@ def test_shrunk_covariances_of_merged_moments_equal_scikit_learn(estimator, n_pe
     x, y = gaussian_classes(n_per_class, seed=6, width=D)
     x = x + 50.0  # away from the origin: the shifts matter
     total = None
-    for start in range(0, x.shape[0], 7):
-        part = batch_moments(x[start:start + 7], y[start:start + 7], C, diagonal=False, higher=True)
-        total = merge_moments(total, part)
+    step = 7 if n_per_class < 10 else 61
+    for start in range(0, x.shape[0], step):
+        part = batch_moments(x[start:start + step], y[start:start + step], C, diagonal=False, higher=True,
+                             memory_budget=1 if start % 2 else None)  # one tile per block, or all
+        total = merge_moments(total, part, C)
     got = shrunk_covariances(total, estimator)
     Oracle = LedoitWolf if estimator == "ledoit-wolf" else OAS
     for c in range(C):
@@ -421,7 +423,7 @@ def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher, poo
     moments equal those of all the data (counts, means, scatter, third and fourth moments)."""
     import threading
 
-    from idefender_gpu.detector._moments import all_reduce_moments, batch_moments
+    from idefender_gpu.detector._moments import all_reduce_moments, batch_moments, merge_moments
 
     x, y = gaussian_classes(20, seed=8)
     x = x + 30.0
@@ -435,7 +437,8 @@ def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher, poo
     results = [None] * 3
 
     def rank(r):
-        m = batch_moments(x[keep[r]], y[keep[r]], C, diagonal=diagonal, higher=higher, pooled=pooled)
+        m = merge_moments(None, batch_moments(x[keep[r]], y[keep[r]], C, diagonal=diagonal, higher=higher,
+                                              pooled=pooled), C)
         results[r] = all_reduce_moments(setting, m, "test")
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
@@ -443,7 +446,7 @@ def test_all_reduced_moments_equal_the_moments_of_all_data(diagonal, higher, poo
         t.start()
     for t in threads:
         t.join()
-    expected = batch_moments(x, y, C, diagonal=diagonal, higher=higher, pooled=pooled)
+    expected = merge_moments(None, batch_moments(x, y, C, diagonal=diagonal, higher=higher, pooled=pooled), C)
     for got in results:
         for a, b in zip(got._fields(), expected._fields()):
             if b is None:

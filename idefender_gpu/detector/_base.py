@@ -117,7 +117,8 @@ class _DetectorBase:
         diagonal, higher, pooled = self._moment_kinds()
         fitted = streamed_moments(
             self.model, loader, specs, resolve_dtype=lambda h: resolve_dtype(self.dtype, h),
-            diagonal=diagonal, higher=higher, pooled=pooled, min_per_class=self._min_per_class(),
+            diagonal=diagonal, higher=higher, pooled=pooled, memory_budget=self.memory_budget,
+            min_per_class=self._min_per_class(),
             progress=self.progress, owner=type(self).__name__)
         densities = {spec: self._density_from_moments(m) for spec, m in fitted.moments.items()}
         start = time.perf_counter()

@@ -61,6 +61,10 @@ class ClassMoments:
         ``Σ ‖h - μ‖² (h - μ)`` (Ledoit-Wolf only).
     fourth : Tensor of shape (C,) or None
         ``Σ ‖h - μ‖⁴`` (Ledoit-Wolf only).
+    pooled : bool
+    classes : Tensor of int64, shape (C,), or None
+        The classes the rows are (a batch's moments cover the classes present in it
+        only, in increasing order); None: every class, in order (running totals).
     """
 
     counts: Tensor
@@ -69,6 +73,7 @@ class ClassMoments:
     third: Tensor | None = None
     fourth: Tensor | None = None
     pooled: bool = False
+    classes: Tensor | None = None
 
     @property
     def diagonal(self) -> bool:
@@ -83,24 +88,26 @@ class ClassMoments:
         return (self.counts, self.means, self.scatter, self.third, self.fourth)
 
 
-def _segments(h: Tensor, labels: Tensor, n_classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(counts (C,), means (C, D), centred rows (N, D), present classes)`` of one batch."""
-    counts = torch.bincount(labels, minlength=n_classes).to(h.dtype)  # (C,)
-    ref = h[:1]  # (1, D): sums of h - ref, not of h, keep the digits of states far from the origin
-    sums = h.new_zeros(n_classes, h.shape[1]).index_add_(0, labels, h - ref)  # (C, D)
-    means = ref + sums / counts.clamp_min(1).unsqueeze(1)
-    return counts, means, h - means[labels], counts.nonzero().squeeze(1)
-
-
 def batch_moments(h: Tensor, labels: Tensor, n_classes: int, *, diagonal: bool,
-                  higher: bool, pooled: bool = False) -> ClassMoments:
-    """The moments of one batch ``h (N, D)`` with ``labels (N,)``, every class (zeros if absent).
+                  higher: bool, pooled: bool = False, memory_budget: int | None = None) -> ClassMoments:
+    """The moments of one batch ``h (N, D)`` with ``labels (N,)``, for the classes present.
 
-    The full scatter is one batched ``Σ d dᵀ`` over single-class tiles of the batch (no
-    loop over classes or samples), added into the ``(C, D, D)`` result by class.
+    The full scatter is a batched ``Σ d dᵀ`` over single-class tiles of the batch (no
+    loop over classes or samples), in blocks of tiles whose ``(D, D)`` products fit
+    ``memory_budget``, added into the ``(P, D, D)`` result by class (``P`` classes present:
+    a batch sorted by class, as ``ImageFolder`` yields it, touches few). One host
+    synchronisation (the present classes).
     """
-    counts, means, centred, _ = _segments(h, labels, n_classes)
-    C, D = n_classes, h.shape[1]
+    present = torch.bincount(labels, minlength=n_classes).nonzero().squeeze(1)  # (P,)
+    local_of = torch.full((n_classes,), -1, dtype=torch.int64, device=labels.device)
+    local_of[present] = torch.arange(present.shape[0], device=labels.device)
+    labels = local_of[labels]  # (N,) in [0, P)
+    C, D = present.shape[0], h.shape[1]
+    counts = torch.bincount(labels, minlength=C).to(h.dtype)  # (P,)
+    ref = h[:1]  # (1, D): sums of h - ref, not of h, keep the digits of states far from the origin
+    sums = h.new_zeros(C, D).index_add_(0, labels, h - ref)  # (P, D)
+    means = ref + sums / counts.unsqueeze(1)
+    centred = h - means[labels]  # (N, D)
     if pooled:
         scatter = centred.mT @ centred  # (D, D) = Σ_c S_c
     elif diagonal:
@@ -108,13 +115,32 @@ def batch_moments(h: Tensor, labels: Tensor, n_classes: int, *, diagonal: bool,
     else:
         tiles = class_tiles(labels, C)
         X = tiles.layout(centred)  # (T, rows, D), zero padding
-        scatter = h.new_zeros(C, D, D).index_add_(0, tiles.tile_class, X.mT @ X)
+        scatter = h.new_zeros(C, D, D)
+        budget = kernels.default_memory_budget(h.device) if memory_budget is None else int(memory_budget)
+        step = max(1, budget // (D * D * h.element_size()))
+        for start in range(0, tiles.n_tiles, step):
+            block = slice(start, start + step)
+            gram = X[block].mT @ X[block]  # (Tb, D, D)
+            # through (C, D*D) views: the 3-D index_add_ of PyTorch's CPU build takes a
+            # path about 1000x slower on small slices
+            scatter.view(C, D * D).index_add_(0, tiles.tile_class[block], gram.reshape(-1, D * D))
     third = fourth = None
     if higher:
         norm2 = centred.square().sum(1)  # (N,)
         third = h.new_zeros(C, D).index_add_(0, labels, norm2.unsqueeze(1) * centred)
         fourth = h.new_zeros(C).index_add_(0, labels, norm2.square())
-    return ClassMoments(counts, means, scatter, third, fourth, pooled)
+    return ClassMoments(counts, means, scatter, third, fourth, pooled, present)
+
+
+def _zeros_like_totals(part: ClassMoments, n_classes: int) -> ClassMoments:
+    """All-zero running totals for ``n_classes`` classes, shaped like ``part``'s moments."""
+    def full(t: Tensor | None, pooled_field: bool = False) -> Tensor | None:
+        if t is None:
+            return None
+        return t.new_zeros(t.shape) if pooled_field else t.new_zeros(n_classes, *t.shape[1:])
+
+    return ClassMoments(full(part.counts), full(part.means), full(part.scatter, part.pooled),
+                        full(part.third), full(part.fourth), part.pooled)
 
 
 def _trace(scatter: Tensor) -> Tensor:
@@ -145,12 +171,13 @@ def _outer(a: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     return a * b if diagonal else a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
-def merge_moments(total: ClassMoments | None, part: ClassMoments) -> ClassMoments:
-    """Chan et al.'s pairwise merge of ``part`` into ``total``, for the classes in ``part``."""
+def merge_moments(total: ClassMoments | None, part: ClassMoments, n_classes: int) -> ClassMoments:
+    """Chan et al.'s pairwise merge of a batch's ``part`` into ``total`` (in place; zeros for
+    ``n_classes`` classes when None), for the classes in ``part`` only."""
     if total is None:
-        return part
-    present = part.counts.nonzero().squeeze(1)  # only the classes of this batch move
-    a, b = total.take(present), part.take(present)
+        total = _zeros_like_totals(part, n_classes)
+    present = part.classes  # only the classes of this batch move
+    a, b = total.take(present), part
     n = a.counts + b.counts
     frac = (b.counts / n).unsqueeze(1)  # (P, 1), n >= 1 here
     delta = b.means - a.means  # (P, D)
@@ -170,8 +197,8 @@ def merge_moments(total: ClassMoments | None, part: ClassMoments) -> ClassMoment
     for index, (old, new) in enumerate(zip(total._fields(), merged._fields())):
         if index == 2 and a.pooled:
             old.copy_(new)
-        elif old is not None:
-            old.index_copy_(0, present, new)  # in place: the totals belong to the fit
+        elif old is not None:  # in place (the totals belong to the fit), through 2-D views
+            old.view(old.shape[0], -1).index_copy_(0, present, new.reshape(new.shape[0], -1))
     return total
 
 

@@ -276,7 +276,7 @@ class StreamedMoments:
 
 def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *,
                      resolve_dtype: Callable[[Tensor], torch.dtype], diagonal: bool, higher: bool,
-                     pooled: bool = False, min_per_class: int = 1, progress: bool | None = None,
+                     pooled: bool = False, memory_budget: int | None = None, min_per_class: int = 1, progress: bool | None = None,
                      owner: str = "detector") -> StreamedMoments:
     """One pass over ``loader``: per layer, per-class moments merged batch by batch.
 
@@ -289,6 +289,8 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
     diagonal, higher, pooled : bool
         Diagonal scatters only; third and fourth moments too (Ledoit-Wolf); one scatter
         summed over the classes (a shared covariance).
+    memory_budget : int, optional
+        Bytes for the ``(D, D)`` products of one block of a batch's class tiles.
     min_per_class, progress, owner
         As :func:`labelled_states`.
 
@@ -328,8 +330,8 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
                     )
             for spec, h in batch.states.items():
                 part = batch_moments(h.to(dtype), labels, n_classes, diagonal=diagonal, higher=higher,
-                                     pooled=pooled)
-                totals[spec] = merge_moments(totals[spec], part)
+                                     pooled=pooled, memory_budget=memory_budget)
+                totals[spec] = merge_moments(totals[spec], part, n_classes)
         shape = list(input_shape[:_SHAPE_DIMS]) + [0] * (_SHAPE_DIMS - len(input_shape[:_SHAPE_DIMS]))
         row = [n_classes, len(input_shape), int(torch.Size(input_shape).numel()), *shape]
         return row, (totals, n_classes, input_shape, dtype)
