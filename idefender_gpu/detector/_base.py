@@ -3,9 +3,14 @@
 A detector is built on a classifier and the names of some of its layers. ``fit`` runs the
 natural training data through the classifier (eval mode, no gradients), fits one
 class-conditional density per layer on the hidden states with their true labels, and sets
-per-class thresholds (paper Eq. 5). Scoring runs the classifier once per call: its logits
-give the predicted class, the hooks give the hidden states, and the densities give
-``log p(H(x) | c)`` through the mixture kernels, differentiably.
+per-class thresholds (paper Eq. 5). Detectors with one Gaussian per class
+(``_streams_fit``) stream instead: one pass merges per-class moments (:mod:`._moments`),
+one pass scores for the thresholds, never holding every hidden state. Scoring runs the
+classifier once per call: its logits give the predicted class, the hooks give the hidden
+states, and the densities give ``log p(H(x) | c)`` through the mixture kernels,
+differentiably: under the scored class only for ``score`` / ``reject`` / ``predict`` and
+the true class only for the thresholds (unless the scoring rule needs every class:
+``_scores_all_classes``), for every class in blocks of classes in ``log_density(x)``.
 
 Jobs are split by module: hyper-parameters are declared in each class's
 ``_parameter_constraints`` table and checked by :mod:`idefender_gpu._param_validation`;
