@@ -536,3 +536,18 @@ def test_streamed_mahalanobis_equals_the_in_memory_closed_form(order, data):
                                atol=1e-10)
     torch.testing.assert_close(detector.thresholds_, _all_class_thresholds(detector, x, y), rtol=1e-12,
                                atol=1e-10)
+
+
+def test_calibrate_streams_any_iterable(data):
+    """calibrate is one pass: a one-shot iterator gives the thresholds of the loader."""
+    (x, y), (xt, yt) = data
+    detector = DETECTORS["k2-full"](Identity(), dtype="float64").fit(loader(x, y))
+    expected = detector.calibrate(loader(xt, yt, batch_size=7), keep=0.8).thresholds_.clone()
+    got = detector.calibrate(iter(loader(xt, yt, batch_size=50)), keep=0.8).thresholds_
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(got, _all_class_thresholds(detector, xt, yt), rtol=1e-12, atol=1e-10)
+    with pytest.raises(ValueError, match=r"class labels in \[0, n_classes\)"):
+        detector.calibrate(loader(xt, yt + 1))
+    with pytest.raises(ValueError, match="at least 1 sample"):
+        detector.calibrate(loader(xt[yt != 3], yt[yt != 3]))
+    torch.testing.assert_close(detector.thresholds_, got)  # unchanged by the failed call

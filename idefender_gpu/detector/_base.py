@@ -34,7 +34,13 @@ from idefender_gpu._param_validation import InstanceOf, Interval, Predicate, che
 from idefender_gpu._validation import resolve_dtype
 from idefender_gpu.detector import _io
 from idefender_gpu.detector._densities import DENSITIES, sum_log_density
-from idefender_gpu.detector._states import labelled_states, streamed_moments, streamed_thresholds, write_once
+from idefender_gpu.detector._states import (
+    calibration_thresholds,
+    labelled_states,
+    streamed_moments,
+    streamed_thresholds,
+    write_once,
+)
 from idefender_gpu.exceptions import NotFittedError
 from idefender_gpu.features import (
     HiddenStateHooks,
@@ -309,18 +315,19 @@ class _DetectorBase:
         ValueError
             As :meth:`fit` for the loader, or inputs of another per-sample shape than the
             detector was fitted on.
+
+        Notes
+        -----
+        One pass over ``loader`` (any iterable), scoring each batch under its true classes;
+        only a score and a label per sample are kept, never the hidden states.
         """
         self._check_is_fitted()
         keep = self.keep if keep is None else keep
         check_param(keep, "keep", self._parameter_constraints["keep"], f"{type(self).__name__}.calibrate")
-        data = labelled_states(self.model, loader, self._specs, what="calibrate", n_classes=self.n_classes_,
-                               progress=self.progress, owner=type(self).__name__)
-        if data.input_shape != self.input_shape_:
-            raise ValueError(
-                f"loader inputs must have the per-sample shape {self.input_shape_} the detector was "
-                f"fitted on; got {data.input_shape}"
-            )
-        self.thresholds_ = data.thresholds(self._layers_log_density, float(keep))
+        # one pass, batch by batch: only a score and a label per sample are kept
+        self.thresholds_ = calibration_thresholds(
+            self.model, loader, self._specs, self._layers_log_density, n_classes=self.n_classes_,
+            input_shape=self.input_shape_, keep=float(keep), progress=self.progress)
         self.keep = self.keep_ = float(keep)
         return self
 

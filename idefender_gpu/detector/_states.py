@@ -16,6 +16,8 @@ Every place where a detector behaves differently inside
   passes over a re-iterable loader (one Gaussian per class, :mod:`._moments`): per-class
   moments merged batch by batch (then over the ranks), and the scores under the true
   classes; neither holds more than one batch of hidden states;
+* :func:`calibration_thresholds` is ``calibrate``'s one pass (scores under the true
+  classes, batch by batch);
 * :func:`write_once` runs a write on rank 0 only (every rank holds the same detector).
 
 :func:`class_thresholds` is the pure per-class quantile.
@@ -35,8 +37,8 @@ from idefender_gpu.detector._moments import ClassMoments, all_reduce_moments, ba
 from idefender_gpu.distributed import current as current_data_parallel
 from idefender_gpu.features import LayerSpec, _batches, _collect
 
-__all__ = ["LabelledStates", "StreamedMoments", "class_thresholds", "labelled_states", "streamed_moments",
-           "streamed_thresholds", "write_once"]
+__all__ = ["LabelledStates", "StreamedMoments", "calibration_thresholds", "class_thresholds",
+           "labelled_states", "streamed_moments", "streamed_thresholds", "write_once"]
 
 #: Input dimensions compared across ranks (with the number of elements).
 _SHAPE_DIMS = 6
@@ -385,6 +387,60 @@ def streamed_thresholds(model: nn.Module, loader: Iterable, specs: Sequence[Laye
         scores = setting.gather_rows(scores, "gathering the training scores")
         labels = setting.gather_rows(labels, "gathering the training labels")
     return class_thresholds(scores, labels, fitted.n_classes, keep)
+
+
+def calibration_thresholds(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec],
+                           log_density: Callable[[dict[str, Tensor], Tensor], Tensor], *, n_classes: int,
+                           input_shape: tuple[int, ...], keep: float, progress: bool | None = None) -> Tensor:
+    """One pass over a labelled loader, scoring each batch under its true classes; the
+    per-class thresholds. Only the scores and labels ``(N,)`` are kept (any iterable works).
+
+    Checks as :func:`labelled_states` with ``what='calibrate'`` (labels in range, every
+    class present over all ranks, the ranks agreeing on the input shape), and that the
+    inputs have the per-sample ``input_shape`` the detector was fitted on (before
+    scoring). Inside ``data_parallel`` the scores of every rank are gathered.
+    """
+    setting = current_data_parallel()
+
+    def run() -> tuple[list[int], tuple[Tensor, Tensor]]:
+        scores, labels = [], []
+        for batch in _batches(model, loader, specs, progress=progress, desc="calibrate: scores"):
+            if batch.labels is None:
+                raise ValueError("loader must yield (inputs, labels) pairs to calibrate a detector; "
+                                 "got inputs only")
+            if batch.input_shape != input_shape:
+                raise ValueError(
+                    f"loader inputs must have the per-sample shape {input_shape} the detector was "
+                    f"fitted on; got {batch.input_shape}"
+                )
+            if batch.labels.numel():
+                low, high = (int(v) for v in torch.aminmax(batch.labels))
+                if low < 0 or high >= n_classes:
+                    raise ValueError(
+                        f"loader labels must be class labels in [0, n_classes) = [0, {n_classes}) (n_classes "
+                        f"is the width of the model's output); got label {low if low < 0 else high}"
+                    )
+            with torch.no_grad():
+                scores.append(log_density(batch.states, batch.labels))  # (B,) under the true classes
+            labels.append(batch.labels)
+        shape = list(input_shape[:_SHAPE_DIMS]) + [0] * (_SHAPE_DIMS - len(input_shape[:_SHAPE_DIMS]))
+        row = [n_classes, len(input_shape), int(torch.Size(input_shape).numel()), *shape]
+        return row, (torch.cat(scores), torch.cat(labels))
+
+    if setting is None:
+        scores, labels = run()[1]
+        counts = torch.bincount(labels, minlength=n_classes)
+    else:
+        (scores, labels), table = setting.exchange(run, 3 + _SHAPE_DIMS, "scoring the calibration data")
+        _check_table(table)
+        (counts,) = setting.sum_parts(
+            lambda: [torch.bincount(labels, minlength=n_classes)], [(n_classes,)],
+            torch.int64, labels.device, "counting the samples of each class")
+    _check_counts(counts.tolist(), 1, "calibrate")
+    if setting is not None:  # one score and one label per sample: exact order statistics
+        scores = setting.gather_rows(scores, "gathering the calibration scores")
+        labels = setting.gather_rows(labels, "gathering the calibration labels")
+    return class_thresholds(scores, labels, n_classes, keep)
 
 
 def write_once(write: Callable[[], None], what: str) -> None:
