@@ -223,3 +223,30 @@ def test_all_runs_every_experiment_with_the_shared_options(tmp_path, monkeypatch
     for name, args in seen:
         assert (args.epochs, args.n_train, args.seed) == (3, 500, 4)
         assert args.out == str(tmp_path / "all" / name)
+
+
+def test_a_defence_is_fitted_once_per_weights_and_settings():
+    """``reproduce all`` fits model F's detectors once for its three protocols: the same
+    weights, data split and settings give the same fitted objects; other weights refit."""
+    from types import SimpleNamespace
+
+    from idefender_gpu.experiments._common import PhaseTimer
+    from idefender_gpu.experiments._protocol import ProtocolConfig, fit_defence
+    from idefender_gpu.models import build_model
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(120, 1, 28, 28, generator=generator)
+    y = torch.arange(120) % 10
+    data = SimpleNamespace(sha256="synthetic", x_train=x[:80], y_train=y[:80])
+    torch.manual_seed(0)
+    model = build_model("F").eval()
+    setup = SimpleNamespace(data=data, x_eval=x[80:100], y_eval=y[80:100], x_holdout=x[100:], y_holdout=y[100:],
+                            device=torch.device("cpu"))
+    config = ProtocolConfig(device="cpu", layers=("fc:input",), covariance_type="diag", progress=False)
+    timer = PhaseTimer(torch.device("cpu"))
+    first = fit_defence(config, setup, model, timer)
+    assert fit_defence(config, setup, model, timer) is first
+    assert fit_defence(config, setup, model, timer, baseline=False) is first  # a complete defence serves both
+    assert first.mahalanobis is not None
+    other = build_model("F").eval()
+    assert fit_defence(config, setup, other, timer) is not first
