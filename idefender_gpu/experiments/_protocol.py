@@ -20,6 +20,7 @@ each score is taken under, so any set of thresholds can be applied afterwards.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
 from typing import Any
@@ -345,3 +346,41 @@ def base_results(experiment: str, config: ProtocolConfig, setup: Setup, defence:
                      "reg_covar": config.reg_covar},
         "machine": machine_info(setup.device),
     }
+
+
+@dataclass
+class SingleModelRun:
+    """What the one-model protocols (semi-white-box, adaptive) start from: model F, its
+    defences, the attacked images and every natural evaluation image scored."""
+
+    device: torch.device
+    timer: PhaseTimer
+    start: float
+    setup: Setup
+    defence: Defence
+    x: Tensor  # the first n_attack evaluation images
+    y: Tensor
+    natural_all: dict[str, Tensor]  # scores of every evaluation image
+    natural: dict[str, Tensor]  # ... of the attacked ones
+    results: dict[str, Any]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.setup.model
+
+
+def begin_single_model(config: ProtocolConfig, experiment: str) -> SingleModelRun:
+    """Validate ``config``, prepare data and model F, fit its defences, score the natural
+    evaluation images and start the results (with the threshold summary)."""
+    device = config.validate()
+    timer = PhaseTimer(device)
+    start = time.perf_counter()
+    setup = prepare(config, timer)
+    defence = fit_defence(config, setup, setup.model, timer)
+    n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
+    with timer("score", f"score {setup.x_eval.shape[0]} natural evaluation images"):
+        natural_all = score(setup.x_eval, setup.model, defence, config.batch_size, device)
+    results = base_results(experiment, config, setup, defence)
+    results["thresholds"] = threshold_summary(defence, natural_all)
+    return SingleModelRun(device, timer, start, setup, defence, setup.x_eval[:n], setup.y_eval[:n],
+                          natural_all, {k: v[:n] for k, v in natural_all.items()}, results)

@@ -31,17 +31,14 @@ from torch import Tensor, nn
 
 from idefender_gpu._param_validation import Interval, Predicate
 from idefender_gpu.attacks import DefendedModel, MarginPGD
-from idefender_gpu.experiments._common import PhaseTimer, batches, logger, rate
+from idefender_gpu.experiments._common import batches, logger, rate
 from idefender_gpu.experiments._outputs import add_curve, fmt, pct, setup_lines
 from idefender_gpu.experiments._protocol import (
     ProtocolConfig,
     auc,
-    base_results,
-    fit_defence,
-    prepare,
+    begin_single_model,
     rejected,
     score,
-    threshold_summary,
 )
 
 __all__ = ["AdaptiveConfig", "EPS", "markdown", "run_adaptive"]
@@ -126,19 +123,10 @@ def _external(name: str) -> str | None:
 
 def run_adaptive(config: AdaptiveConfig) -> dict[str, Any]:
     """Run the adaptive evaluation; return the results (JSON-able but for ``results['curves']``)."""
-    device = config.validate()
-    timer = PhaseTimer(device)
-    start = time.perf_counter()
-    setup = prepare(config, timer)
-    model = setup.model
-    defence = fit_defence(config, setup, model, timer)
-    n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
-    x, y = setup.x_eval[:n], setup.y_eval[:n]
-    with timer("score", f"score {setup.x_eval.shape[0]} natural evaluation images"):
-        natural_all = score(setup.x_eval, model, defence, config.batch_size, device)
-    natural = {k: v[:n] for k, v in natural_all.items()}
-    results = base_results("adaptive", config, setup, defence)
-    results["thresholds"] = threshold_summary(defence, natural_all)
+    run = begin_single_model(config, "adaptive")
+    device, timer, start, model, defence = run.device, run.timer, run.start, run.model, run.defence
+    x, y, natural, results = run.x, run.y, run.natural, run.results
+    n = x.shape[0]
     targets = _best_wrong(model, x, y, config.batch_size, device)
     correct = natural["pred"] == y
     wrapped = {"I-defender": DefendedModel(defence.idefender).eval(),

@@ -28,18 +28,15 @@ from torch import Tensor
 
 from idefender_gpu._param_validation import Interval
 from idefender_gpu.attacks import BIM, FGSM, DeepFool, IterativeL2
-from idefender_gpu.experiments._common import PhaseTimer, logger, rate
+from idefender_gpu.experiments._common import logger, rate
 from idefender_gpu.experiments._outputs import add_curve, fmt, pct, setup_lines
 from idefender_gpu.experiments._protocol import (
     ProtocolConfig,
     auc,
     balanced_accuracy,
-    base_results,
-    fit_defence,
-    prepare,
+    begin_single_model,
     rejected,
     score,
-    threshold_summary,
 )
 from idefender_gpu.experiments._common import craft as _craft
 from idefender_gpu.experiments.paper import SEMIWHITEBOX_TABLE
@@ -159,19 +156,10 @@ def _search(config: SemiWhiteboxConfig, model: Any, attack: str, target: float, 
 
 def run_semiwhitebox(config: SemiWhiteboxConfig) -> dict[str, Any]:
     """Run the Table 6 protocol; return the results (JSON-able but for ``results['curves']``)."""
-    device = config.validate()
-    timer = PhaseTimer(device)
-    start = time.perf_counter()
-    setup = prepare(config, timer)
-    model = setup.model
-    defence = fit_defence(config, setup, model, timer)
-    n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
-    x, y = setup.x_eval[:n], setup.y_eval[:n]
-    with timer("score", f"score {setup.x_eval.shape[0]} natural evaluation images"):
-        natural_all = score(setup.x_eval, model, defence, config.batch_size, device)
-    natural = {k: v[:n] for k, v in natural_all.items()}
-    results = base_results("semi-white-box", config, setup, defence)
-    results["thresholds"] = threshold_summary(defence, natural_all)
+    run = begin_single_model(config, "semi-white-box")
+    device, timer, start, model, defence = run.device, run.timer, run.start, run.model, run.defence
+    x, y, natural, results = run.x, run.y, run.natural, run.results
+    n = x.shape[0]
     records = []
     table, paper_dataset, columns = SEMIWHITEBOX_TABLE
     for label, attack, target, paper in columns:
