@@ -115,7 +115,7 @@ def test_unknown_command_and_missing_command(capsys):
 
 
 def test_holdout_larger_than_the_test_images_is_refused_before_any_data(monkeypatch, capsys):
-    monkeypatch.setattr(blackbox, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(idefender_gpu.data, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     code, err, _ = run(BLACKBOX + ["--holdout", "100000", "--n-test", "500"], capsys)
     assert code == 2
     assert err[0] == ("idefender-gpu: error: holdout (--holdout) must be smaller than n_test (--n-test), the "
@@ -199,7 +199,7 @@ def test_mnist_without_files_and_no_download(tmp_path, monkeypatch, capsys):
 
 
 def test_unusable_output_folders_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(blackbox, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(idefender_gpu.data, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     (tmp_path / "file").write_text("x")
     code, err, _ = run(BLACKBOX + ["--out", str(tmp_path / "file")], capsys)
     assert code == 2 and err[0] == f"idefender-gpu: error: --out {tmp_path / 'file'}: is a file, not a folder"
@@ -268,7 +268,7 @@ def test_console_script_exit_code_and_first_line(tmp_path):
     ({"holdout": 200, "n_test": 200}, ValueError, r"holdout \(--holdout\) must be smaller than n_test"),
 ])
 def test_run_blackbox_checks_its_config_before_any_work(changes, error, match, monkeypatch):
-    monkeypatch.setattr(blackbox, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(idefender_gpu.data, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
     with pytest.raises(error, match=match):
         run_blackbox(BlackboxConfig(**{"device": "cpu", **changes}))
 

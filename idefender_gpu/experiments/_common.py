@@ -197,3 +197,26 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def load_checked(config: Any) -> Any:
+    """The dataset of ``config`` with ``n_train``/``n_test`` checked against it and applied, and
+    every class holding at least ``max(2, n_components)`` training images (before any training)."""
+    from idefender_gpu.data import load_dataset
+
+    data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
+    for name, option, split, requested, available in (
+            ("n_train", "--n-train", "training", config.n_train, data.x_train.shape[0]),
+            ("n_test", "--n-test", "test", config.n_test, data.x_test.shape[0])):
+        if requested is not None and requested > available:
+            raise ValueError(f"{name} ({option}) must be at most {available}, the number of {split} "
+                             f"images of {data.name} in {data.source}; got {requested}")
+    data = data.subset(config.n_train, config.n_test)
+    counts = torch.bincount(data.y_train, minlength=data.n_classes)  # (n_classes,)
+    smallest = int(counts.argmin())
+    if int(counts[smallest]) < max(config.n_components, 2):
+        raise ValueError(f"every class needs at least max(2, n_components (--components)) = "
+                         f"{max(config.n_components, 2)} training images for its mixture; class {smallest} "
+                         f"({data.classes[smallest]}) has {int(counts[smallest])} of the {len(data.y_train)} "
+                         f"in use (raise --n-train or lower --components)")
+    return data

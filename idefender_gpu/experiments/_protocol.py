@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from idefender_gpu import IDefender, MahalanobisDetector
 from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate, validate_params
-from idefender_gpu.data import DATASETS, load_dataset
-from idefender_gpu.experiments._common import PhaseTimer, batches, check_device, display_path, logger, rate
+from idefender_gpu.data import DATASETS
+from idefender_gpu.experiments._common import PhaseTimer, batches, check_device, display_path, load_checked, logger, rate
 from idefender_gpu.features import parse_layers
 from idefender_gpu.metrics import roc_auc_score
 from idefender_gpu.models import build_model, evaluate, load_or_train
@@ -169,24 +169,11 @@ def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
     """Load and split the data (sizes checked before any training), then train or load F."""
     device = check_device(config.device)
     with timer("data", label=False):
-        data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
-        for name, option, split, requested, available in (
-                ("n_train", "--n-train", "training", config.n_train, data.x_train.shape[0]),
-                ("n_test", "--n-test", "test", config.n_test, data.x_test.shape[0])):
-            if requested is not None and requested > available:
-                raise ValueError(f"{name} ({option}) must be at most {available}, the number of {split} "
-                                 f"images of {data.name} in {data.source}; got {requested}")
-        data = data.subset(config.n_train, config.n_test)
+        data = load_checked(config)
         n_test = data.x_test.shape[0]
         if config.n_holdout >= n_test:
             raise ValueError(f"n_holdout (--n-holdout) must be smaller than the {n_test} test images in use "
                              f"(--n-test): the rest is the evaluation set; got {config.n_holdout}")
-        counts = torch.bincount(data.y_train, minlength=data.n_classes)
-        smallest = int(counts.argmin())
-        if int(counts[smallest]) < max(config.n_components, 2):
-            raise ValueError(f"every class needs at least max(2, n_components (--components)) = "
-                             f"{max(config.n_components, 2)} training images for its mixture; class {smallest} "
-                             f"({data.classes[smallest]}) has {int(counts[smallest])} (raise --n-train)")
         y_holdout = data.y_test[n_test - config.n_holdout:]
         missing = sorted(set(range(data.n_classes)) - set(y_holdout.tolist()))
         if missing:

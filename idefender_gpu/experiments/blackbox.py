@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from idefender_gpu import IDefender, MahalanobisDetector
 from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate, validate_params
 from idefender_gpu.attacks import BIM, FGSM, DeepFool, IterativeL2
-from idefender_gpu.data import DATASETS, load_dataset
+from idefender_gpu.data import DATASETS
 from idefender_gpu.experiments._common import (
     PhaseTimer,
     batches,
@@ -52,6 +52,7 @@ from idefender_gpu.experiments._common import (
     craft,
     detection,
     display_path,
+    load_checked,
     logger,
     machine_info,
     progress_bar,
@@ -373,21 +374,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     start = time.perf_counter()
 
     with timer("data", label=False):  # no start line: a missing dataset's message comes first
-        data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
-        for name, option, split, requested, available in (
-                ("n_train", "--n-train", "training", config.n_train, data.x_train.shape[0]),
-                ("n_test", "--n-test", "test", config.n_test, data.x_test.shape[0])):
-            if requested is not None and requested > available:
-                raise ValueError(f"{name} ({option}) must be at most {available}, the number of {split} "
-                                 f"images of {data.name} in {data.source}; got {requested}")
-        data = data.subset(config.n_train, config.n_test)
-        counts = torch.bincount(data.y_train, minlength=data.n_classes)  # (n_classes,)
-        smallest = int(counts.argmin())
-        if int(counts[smallest]) < max(config.n_components, 2):
-            raise ValueError(f"every class needs at least max(2, n_components (--components)) = "
-                             f"{max(config.n_components, 2)} training images for its mixture; class {smallest} "
-                             f"({data.classes[smallest]}) has {int(counts[smallest])} of the {len(data.y_train)} "
-                             f"in use (raise --n-train or lower --components)")
+        data = load_checked(config)
     logger.info("%s: %d training, %d test images from %s: %.1f s", data.name, len(data.y_train),
                 len(data.y_test), display_path(data.source), timer.seconds["data"])
 
