@@ -18,6 +18,7 @@ import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from numbers import Integral, Real
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import idefender_gpu
+from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate
 from idefender_gpu.data import DATASETS, cache_dir
 from idefender_gpu.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 
@@ -220,3 +222,23 @@ def load_checked(config: Any) -> Any:
                          f"({data.classes[smallest]}) has {int(counts[smallest])} of the {len(data.y_train)} "
                          f"in use (raise --n-train or lower --components)")
     return data
+
+
+#: The settings every experiment config shares, and what they accept (``_parameter_constraints``).
+CONFIG_CONSTRAINTS: dict[str, list] = {
+    "dataset": [Options(str, set(DATASETS))],
+    "data": [None, InstanceOf(str, os.PathLike)],
+    "seed": [Interval(Integral, 0, None)],
+    "epochs": [Interval(Integral, 1, None)],
+    "device": [InstanceOf(str, torch.device)],
+    "progress": [None, "boolean"],
+    "download": ["boolean"],
+    "cache": [None, InstanceOf(str, os.PathLike)],
+    "layers": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                         and all(isinstance(x, str) for x in v), "a non-empty tuple of str")],
+    "n_components": [Interval(Integral, 1, None)],
+    "covariance_type": [Options(str, {"full", "tied", "diag", "spherical"})],
+    "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+    "batch_size": [Interval(Integral, 1, None)],
+    "memory_budget": [None, Interval(Integral, 1, None)],
+}

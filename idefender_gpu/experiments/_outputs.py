@@ -9,11 +9,10 @@ markdown that the experiment's own ``markdown(results, figures)`` returns.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from idefender_gpu.experiments.report import DATASET_TITLES, FIGURE_DPI, FIGURE_INCHES, _clean
+from idefender_gpu.experiments.report import DATASET_TITLES, _clean, draw_roc
 
 __all__ = ["add_curve", "fmt", "pct", "write"]
 
@@ -34,21 +33,12 @@ def add_curve(results: dict[str, Any], figure: str, title: str, label: str, natu
 
 
 def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        warnings.warn("matplotlib is not installed: the ROC figures are skipped (pip install matplotlib)",
-                      stacklevel=3)
-        return False
     import torch
 
     from idefender_gpu.metrics import roc_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     entry = results["curves"][name]
-    fig, ax = plt.subplots(figsize=(FIGURE_INCHES, FIGURE_INCHES * 0.85))
+    lines = []
     for curve in entry["curves"]:
         natural, adversarial = curve["natural"], curve["adversarial"]
         if natural.numel() == 0 or adversarial.numel() == 0:
@@ -56,20 +46,9 @@ def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
         scores = torch.cat([-natural, -adversarial])
         labels = torch.cat([torch.zeros(natural.numel()), torch.ones(adversarial.numel())])
         fpr, tpr, _ = roc_curve(scores, labels)
-        ax.plot(fpr.tolist(), tpr.tolist(), lw=1.6, label=f"{curve['label']} (AUC {fmt(curve['auc'])})")
-    ax.plot([0, 1], [0, 1], color="0.7", lw=1.0, ls=":", label="chance (AUC 0.5)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (natural inputs rejected)", fontsize=10)
-    ax.set_ylabel("true positive rate (adversarial inputs detected)", fontsize=10)
-    ax.set_title(f"{DATASET_TITLES.get(results['dataset'], results['dataset'])}\n{entry['title']}", fontsize=11)
-    ax.tick_params(labelsize=9)
-    ax.grid(True, color="0.92", lw=0.6)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI)
-    plt.close(fig)
-    return True
+        lines.append((f"{curve['label']} (AUC {fmt(curve['auc'])})", fpr.tolist(), tpr.tolist()))
+    title = f"{DATASET_TITLES.get(results['dataset'], results['dataset'])}\n{entry['title']}"
+    return draw_roc(path, lines, title, legend_fontsize=8)
 
 
 def write(results: dict[str, Any], out: Any, markdown: Callable[[dict[str, Any], list[str]], str]) -> dict[str, Path]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from idefender_gpu import IDefender, MahalanobisDetector
-from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate, validate_params
+from idefender_gpu._param_validation import Interval, validate_params
 from idefender_gpu.data import DATASETS
-from idefender_gpu.experiments._common import PhaseTimer, batches, check_device, display_path, load_checked, logger, rate
+from idefender_gpu.experiments._common import CONFIG_CONSTRAINTS, PhaseTimer, batches, check_device, display_path, load_checked, logger, rate
 from idefender_gpu.features import parse_layers
 from idefender_gpu.metrics import roc_auc_score
 from idefender_gpu.models import build_model, evaluate, load_or_train
@@ -85,23 +85,9 @@ class ProtocolConfig:
     memory_budget: int | None = None
 
     _parameter_constraints = {
-        "dataset": [Options(str, set(DATASETS))],
-        "data": [None, InstanceOf(str, os.PathLike)],
-        "seed": [Interval(Integral, 0, None)],
-        "epochs": [Interval(Integral, 1, None)],
+        **CONFIG_CONSTRAINTS,
         "n_holdout": [Interval(Integral, 10, None)],
         **{name: [None, Interval(Integral, 1, None)] for name in ("n_train", "n_test", "n_attack", "n_calibrate")},
-        "device": [InstanceOf(str, torch.device)],
-        "progress": [None, "boolean"],
-        "download": ["boolean"],
-        "cache": [None, InstanceOf(str, os.PathLike)],
-        "layers": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-                             and all(isinstance(x, str) for x in v), "a non-empty tuple of str")],
-        "n_components": [Interval(Integral, 1, None)],
-        "covariance_type": [Options(str, {"full", "tied", "diag", "spherical"})],
-        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None)],
-        "memory_budget": [None, Interval(Integral, 1, None)],
     }
 
     def validate(self) -> torch.device:

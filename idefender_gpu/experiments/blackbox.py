@@ -30,11 +30,10 @@ aside for the figures); :func:`idefender_gpu.experiments.report.write_outputs` w
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Callable
 
 import torch
@@ -42,10 +41,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from idefender_gpu import IDefender, MahalanobisDetector
-from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predicate, validate_params
+from idefender_gpu._param_validation import Interval, Options, Predicate, validate_params
 from idefender_gpu.attacks import BIM, FGSM, DeepFool, IterativeL2
 from idefender_gpu.data import DATASETS
 from idefender_gpu.experiments._common import (
+    CONFIG_CONSTRAINTS,
     PhaseTimer,
     batches,
     check_device,
@@ -240,25 +240,11 @@ class BlackboxConfig:
     ablation: tuple[DetectorVariant, ...] = ()
 
     _parameter_constraints = {
-        "dataset": [Options(str, set(DATASETS))],
-        "data": [None, InstanceOf(str, os.PathLike)],
-        "seed": [Interval(Integral, 0, None)],
-        "epochs": [Interval(Integral, 1, None)],
+        **CONFIG_CONSTRAINTS,
         **{name: [None, Interval(Integral, 1, None)] for name in ("n_train", "n_test", "n_other", "n_calibrate")},
-        "device": [InstanceOf(str, torch.device)],
-        "progress": [None, "boolean"],
-        "download": ["boolean"],
-        "cache": [None, InstanceOf(str, os.PathLike)],
         "substitute": [Options(str, {"jacobian", "trained"})],
         "holdout": [Interval(Integral, 0, None)],
         "n_holdout": [Interval(Integral, 0, None)],
-        "layers": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-                             and all(isinstance(x, str) for x in v), "a non-empty tuple of str")],
-        "n_components": [Interval(Integral, 1, None)],
-        "covariance_type": [Options(str, {"full", "tied", "diag", "spherical"})],
-        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None)],
-        "memory_budget": [None, Interval(Integral, 1, None)],
         "threat_models": [Predicate(lambda v: isinstance(v, (tuple, list)) and len(v) > 0
                                     and all(t in THREAT_MODELS for t in v),
                                     f"a non-empty tuple of {sorted(THREAT_MODELS)}")],

@@ -293,7 +293,9 @@ def markdown_report(results: dict[str, Any], figures: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
+def draw_roc(path: Path, lines: list[tuple[str, Any, Any]], title: str, legend_fontsize: int = 9) -> bool:
+    """One ROC figure (``(label, fpr, tpr)`` per curve, a chance line, ``title`` in two short
+    lines) saved at :data:`FIGURE_DPI`; False (with a warning) without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -304,6 +306,25 @@ def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(FIGURE_INCHES, FIGURE_INCHES * 0.85))
+    for label, fpr, tpr in lines:
+        ax.plot(fpr, tpr, lw=1.6, label=label)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1.0, ls=":", label="chance (AUC 0.5)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (natural inputs rejected)", fontsize=10)
+    ax.set_ylabel("true positive rate (adversarial inputs detected)", fontsize=10)
+    ax.set_title(title, fontsize=11)
+    ax.tick_params(labelsize=9)
+    ax.grid(True, color="0.92", lw=0.6)
+    ax.legend(fontsize=legend_fontsize, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return True
+
+
+def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
     threat, kind, caption = FIGURES[name]
     curves = results.get("curves", {}).get(threat)
     if not curves:
@@ -314,27 +335,11 @@ def _plot(results: dict[str, Any], name: str, path: Path) -> bool:
         fgsm = [(label, c) for label, c in curves.items() if c["attack"] == "FGSM"]
         items = fgsm[:1] + [(label, c) for label, c in curves.items() if c["attack"] != "FGSM"]
     aucs = {r["label"]: r["auc"] for r in _records(results, threat)}
-    fig, ax = plt.subplots(figsize=(FIGURE_INCHES, FIGURE_INCHES * 0.85))
-    for label, curve in items:
-        if curve["idefender"] is None:
-            continue
-        fpr, tpr = curve["idefender"]
-        ax.plot(fpr, tpr, lw=1.6, label=f"{label} (AUC {_f(aucs.get(label))})")
-    ax.plot([0, 1], [0, 1], color="0.7", lw=1.0, ls=":", label="chance (AUC 0.5)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate (natural inputs rejected)", fontsize=10)
-    ax.set_ylabel("true positive rate (adversarial inputs detected)", fontsize=10)
+    lines = [(f"{label} (AUC {_f(aucs.get(label))})", *curve["idefender"])
+             for label, curve in items if curve["idefender"] is not None]
     # Two short lines, so the title fits the figure whatever the caption's length.
-    ax.set_title(f"I-defender, {DATASET_TITLES.get(results['dataset'], results['dataset'])}\n{caption}",
-                 fontsize=11)
-    ax.tick_params(labelsize=9)
-    ax.grid(True, color="0.92", lw=0.6)
-    ax.legend(fontsize=9, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI)
-    plt.close(fig)
-    return True
+    title = f"I-defender, {DATASET_TITLES.get(results['dataset'], results['dataset'])}\n{caption}"
+    return draw_roc(path, lines, title)
 
 
 def write_outputs(results: dict[str, Any], out: Any) -> dict[str, Path]:
