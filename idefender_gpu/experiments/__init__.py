@@ -15,6 +15,10 @@ adaptive
     Beyond the paper: MarginPGD on ``DefendedModel`` (the attacker knows the detector) beside
     the Mahalanobis baseline, no detector, torchattacks and ART (:func:`run_adaptive`,
     :class:`AdaptiveConfig`).
+selection
+    Issue 13 item 5: the detector's setting (layer, K, covariance estimator, F's training
+    length) chosen on a validation split of the training data, then its test AUCs beside the
+    default's, the shrinkage estimators' and the paper's (:func:`run_select`, :class:`SelectConfig`).
 _protocol, _outputs
     What the three protocols share: data split with held-out calibration images, model F,
     detectors with train and held-out thresholds; their results.json / report.md / ROC PNGs.
@@ -38,13 +42,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ATTACKS", "AdaptiveConfig", "BlackboxConfig", "GrayboxConfig", "SemiWhiteboxConfig", "run_adaptive",
-           "run_blackbox", "run_graybox", "run_semiwhitebox", "write_outputs"]
+__all__ = ["ATTACKS", "AdaptiveConfig", "BlackboxConfig", "GrayboxConfig", "SelectConfig", "SemiWhiteboxConfig",
+           "run_adaptive", "run_blackbox", "run_graybox", "run_select", "run_semiwhitebox", "write_outputs"]
 
 _HOMES = {"ATTACKS": "blackbox", "BlackboxConfig": "blackbox", "run_blackbox": "blackbox",
           "write_outputs": "report", "SemiWhiteboxConfig": "semiwhitebox", "run_semiwhitebox": "semiwhitebox",
           "GrayboxConfig": "graybox", "run_graybox": "graybox", "AdaptiveConfig": "adaptive",
-          "run_adaptive": "adaptive"}
+          "run_adaptive": "adaptive", "SelectConfig": "selection", "run_select": "selection"}
 
 
 def __getattr__(name: str) -> Any:

@@ -30,8 +30,8 @@ from idefender_gpu._param_validation import InstanceOf, Interval, Options, Predi
 from idefender_gpu.data import DATASETS, cache_dir
 from idefender_gpu.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 
-__all__ = ["PhaseTimer", "batches", "check_device", "craft", "detection", "display_path", "logger", "machine_info",
-           "progress_bar", "rate", "roc"]
+__all__ = ["PhaseTimer", "batches", "check_device", "craft", "detection", "display_path", "finish", "load_average",
+           "logger", "machine_info", "progress_bar", "rate", "roc"]
 
 logger = logging.getLogger("idefender_gpu.experiments")
 
@@ -116,6 +116,7 @@ class PhaseTimer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.load_at_start = load_average()  # the machine's load when the run began
 
     @contextmanager
     def __call__(self, name: str, label: str | bool | None = None) -> Iterator[None]:
@@ -191,14 +192,37 @@ def rate(mask: Tensor) -> float | None:
     return float(mask.double().mean()) if mask.numel() else None
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What results files record about the machine: device, versions, platform, threads."""
+def load_average() -> list[float] | None:
+    """The machine's load average over 1, 5 and 15 minutes (``uptime``'s), None where the
+    platform has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_info(device: torch.device, timer: "PhaseTimer | None" = None) -> dict[str, Any]:
+    """What results files record about the machine: device, versions, platform, threads, and
+    its load average now (``load_average``) and, given the run's ``timer``, when it began
+    (``load_average_start``): timings from a loaded machine are not benchmarks."""
     info = {"device": str(device), "torch": torch.__version__, "idefender_gpu": idefender_gpu.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": load_average()}
+    if timer is not None:
+        info["load_average_start"] = timer.load_at_start
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def finish(results: dict[str, Any], timer: PhaseTimer, start: float) -> dict[str, Any]:
+    """Close a run's results: ``timings`` (each phase and the total since ``start``, a
+    ``time.perf_counter()``) and the machine's load at the start and now (``machine``)."""
+    results["timings"] = {**{k: round(v, 2) for k, v in timer.seconds.items()},
+                          "total": round(time.perf_counter() - start, 2)}
+    machine = results.setdefault("machine", machine_info(timer.device))
+    machine["load_average_start"], machine["load_average"] = timer.load_at_start, load_average()
+    return results
 
 
 def load_checked(config: Any) -> Any:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from idefender_gpu.experiments.report import DATASET_TITLES, _clean, draw_roc
+from idefender_gpu.experiments.report import DATASET_TITLES, _clean, draw_roc, load_text
 
 __all__ = ["add_curve", "fmt", "pct", "write"]
 
@@ -83,7 +83,7 @@ def setup_lines(results: dict[str, Any]) -> list[str]:
         f"{det['n_components']} {det['covariance_type']}-covariance Gaussian(s) per class, reg_covar "
         f"{det['reg_covar']:g}; baseline: MahalanobisDetector (shared covariance, closest class), same layer(s).",
         f"- Machine: {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else f", {m['cpu_threads']} CPU thread(s)")
-        + f", torch {m['torch']}; wall time {results['timings']['total']:.0f} s.",
+        + f", torch {m['torch']}; wall time {results['timings']['total']:.0f} s{load_text(m)}.",
         "",
         "Thresholds (natural false rejects on the evaluation set; nominal 5% / 1%):",
         "",

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from idefender_gpu._param_validation import Interval, Predicate
 from idefender_gpu.attacks import DefendedModel, MarginPGD
-from idefender_gpu.experiments._common import batches, logger, rate
+from idefender_gpu.experiments._common import finish, batches, logger, rate
 from idefender_gpu.experiments._outputs import add_curve, fmt, pct, setup_lines
 from idefender_gpu.experiments._protocol import (
     ProtocolConfig,
@@ -201,9 +201,7 @@ def run_adaptive(config: AdaptiveConfig) -> dict[str, Any]:
         comparison.append({"eps": eps, "ours": ours, "best_off_the_shelf": theirs,
                            "ours_at_least_as_strong": None if theirs is None or ours is None else ours >= theirs})
     results["records"], results["comparison"] = records, comparison
-    results["timings"] = {**{k: round(v, 2) for k, v in timer.seconds.items()},
-                          "total": round(time.perf_counter() - start, 2)}
-    return results
+    return finish(results, timer, start)
 
 
 def markdown(results: dict[str, Any], figures: list[str]) -> str:

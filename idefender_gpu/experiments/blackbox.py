@@ -129,11 +129,13 @@ class DetectorVariant:
     covariance_type: str = "full"
     reg_covar: float = 1e-4
     max_iter: int = 100
+    covariance_estimator: str = "empirical"
 
 
 #: The variants ``--ablation`` compares on black-box FGSM. ``conv2``: F's second convolution
 #: before its ReLU (1152 features); ``fc:input``: the same after the ReLU (the input of the
-#: final FC layer, the library's default layer); ``fc``: the logits (10 features).
+#: final FC layer, the library's default layer); ``fc``: the logits (10 features); the last
+#: two shrink the class covariances (Ledoit-Wolf, OAS) instead of the sample covariance.
 ABLATION: tuple[DetectorVariant, ...] = (
     DetectorVariant(("conv2",)),
     DetectorVariant(("fc:input",)),
@@ -145,6 +147,8 @@ ABLATION: tuple[DetectorVariant, ...] = (
     DetectorVariant(("conv2",), n_components=1, covariance_type="diag"),
     DetectorVariant(("conv2",), n_components=10, covariance_type="diag"),
     DetectorVariant(("conv2",), n_components=2, covariance_type="full", max_iter=20),
+    DetectorVariant(("conv2",), covariance_estimator="ledoit-wolf"),
+    DetectorVariant(("conv2",), covariance_estimator="oas"),
 )
 
 
@@ -508,7 +512,8 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
     ablation = None
     if config.ablation and kept:
         with timer("ablation", f"ablation: {len(config.ablation)} detector variants"):
-            ablation = run_ablation(config, F, train_loader, x_test, kept, device, budget)
+            ablation = run_ablation(config, F, train_loader, x_test, kept, device, budget,
+                                    (x_cal, y_cal) if config.n_holdout else None)
 
     total = time.perf_counter() - start
     widths = dict(idefender.n_features_)
@@ -533,7 +538,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
                            else "natural training images"),
             "baseline": "MahalanobisDetector (one Gaussian per class, shared covariance, closest class)",
         },
-        "machine": machine_info(device),
+        "machine": machine_info(device, timer),
         "timings": {**{k: round(v, 2) for k, v in timer.seconds.items()}, "total": round(total, 2)},
         "records": records,
         "curves": curves,

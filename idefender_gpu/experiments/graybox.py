@@ -34,7 +34,7 @@ from torch import nn
 from idefender_gpu._param_validation import Predicate
 from idefender_gpu.attacks import GrayBox
 from idefender_gpu.data import cache_dir
-from idefender_gpu.experiments._common import PhaseTimer, logger, rate
+from idefender_gpu.experiments._common import finish, PhaseTimer, logger, rate
 from idefender_gpu.experiments._outputs import add_curve, fmt, pct, setup_lines
 from idefender_gpu.experiments._protocol import (
     ProtocolConfig,
@@ -192,9 +192,7 @@ def run_graybox(config: GrayboxConfig) -> dict[str, Any]:
                         "%.1f s", label, alpha, record["Source"]["auc"], record["Target"]["auc"],
                         record["Source"]["adv_acc"], record["Target"]["adv_acc"], time.perf_counter() - started)
     results["records"] = records
-    results["timings"] = {**{k: round(v, 2) for k, v in timer.seconds.items()},
-                          "total": round(time.perf_counter() - start, 2)}
-    return results
+    return finish(results, timer, start)
 
 
 def _accuracy(model: nn.Module, setup: Any, device: torch.device) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 
 from idefender_gpu.experiments.paper import FGSM_TABLES, SETTINGS_TABLES
 
-__all__ = ["FIGURES", "FIGURE_DPI", "FIGURE_INCHES", "command_line", "format_fgsm_table", "markdown_report",
+__all__ = ["FIGURES", "FIGURE_DPI", "FIGURE_INCHES", "command_line", "format_fgsm_table", "load_text", "markdown_report",
            "write_outputs"]
 
 #: file name -> (threat model, which curves, title)
@@ -128,20 +128,23 @@ def _ablation_table(results: dict[str, Any]) -> str:
         return ""
     eps_list = ablation["eps"]
     head = " | ".join(f"eps {e:.2f}" for e in eps_list)
-    lines = [f"| layers | D | K | covariance | reg_covar | EM max_iter | fit s | {head} |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(eps_list)]
+    lines = [f"| layers | D | K | covariance | estimator | reg_covar | EM max_iter | fit s | natural test rejected, "
+             f"ID-95 held-out | ... training-data ID-95 | {head} |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(eps_list)]
     for row in ablation["rows"]:
         cells = " | ".join(_f(a) for a in row["auc"]) if row.get("auc") else " | ".join(
             "-" for _ in eps_list)
         note = f" ({row['error']})" if row.get("error") else ""
         lines.append(f"| `{'+'.join(row['layers'])}`{note} | {row.get('n_features', '-')} | {row['n_components']} "
-                     f"| {row['covariance_type']} | {row['reg_covar']:g} | {row.get('max_iter', 100)} "
-                     f"| {_f(row.get('fit_seconds'), 1)} "
+                     f"| {row['covariance_type']} | {row.get('covariance_estimator', 'empirical')} "
+                     f"| {row['reg_covar']:g} | {row.get('max_iter', 100)} "
+                     f"| {_f(row.get('fit_seconds'), 1)} | {_pct(row.get('natural_test_rejected_id95'))} "
+                     f"| {_pct(row.get('natural_test_rejected_id95_train'))} "
                      f"| {cells} |")
     paper = FGSM_TABLES.get(results["dataset"])
     if paper:
         cells = " | ".join(_f(paper["rows"].get(round(e, 2), (None, None))[1]) for e in eps_list)
-        lines.append(f"| paper ({paper['table']}) | | | | | | | {cells} |")
+        lines.append(f"| paper ({paper['table']}) | | | | | | | | | | {cells} |")
     return "\n".join(lines)
 
 
@@ -196,6 +199,15 @@ def _thresholds_line(results: dict[str, Any]) -> str:
             f"`id99_detection_train`).")
 
 
+def load_text(machine: dict[str, Any]) -> str:
+    """``"; load average 1.2/0.9/0.8 at the start, 2.0/1.5/1.0 at the end"`` (1/5/15 min) from
+    :func:`machine_info`'s fields, or ``""`` when they are missing (older results)."""
+    parts = [f"{'/'.join(f'{v:.2f}' for v in machine[key])} {when}"
+             for key, when in (("load_average_start", "at the start"), ("load_average", "at the end"))
+             if machine.get(key)]
+    return "; load average (1/5/15 min, `uptime`) " + ", ".join(parts) if parts else ""
+
+
 def markdown_report(results: dict[str, Any], figures: list[str]) -> str:
     """The report: setup, the paper's tables beside ours, all attacks, figures, notes."""
     dataset = results["dataset"]
@@ -229,7 +241,8 @@ def markdown_report(results: dict[str, Any], figures: list[str]) -> str:
         f"- Machine: {machine['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else
                                              f", {machine['cpu_threads']} CPU thread(s)")
         + f", torch {machine['torch']}. Wall time {timings['total']:.0f} s "
-        + "(" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total") + ").",
+        + "(" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total") + ")"
+        + load_text(machine) + ".",
         "",
         f"## Black-box FGSM: ours beside the paper ({paper.get('table', 'no paper table')})",
         "",

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from idefender_gpu._param_validation import Interval
 from idefender_gpu.attacks import BIM, FGSM, DeepFool, IterativeL2
-from idefender_gpu.experiments._common import logger, rate
+from idefender_gpu.experiments._common import finish, logger, rate
 from idefender_gpu.experiments._outputs import add_curve, fmt, pct, setup_lines
 from idefender_gpu.experiments._protocol import (
     ProtocolConfig,
@@ -194,9 +194,7 @@ def run_semiwhitebox(config: SemiWhiteboxConfig) -> dict[str, Any]:
         logger.info("%s: %s %.4g gives adv acc %.4f (target %.4f), AUC %.4f: %.1f s", label, found["strength_is"],
                     found["strength"], found["adv_acc"], target, record["auc"], time.perf_counter() - started)
     results["records"] = records
-    results["timings"] = {**{k: round(v, 2) for k, v in timer.seconds.items()},
-                          "total": round(time.perf_counter() - start, 2)}
-    return results
+    return finish(results, timer, start)
 
 
 def markdown(results: dict[str, Any], figures: list[str]) -> str:
