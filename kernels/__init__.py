@@ -2,7 +2,9 @@
 
 Gaussian log-densities from precision Cholesky factors, log-sum-exp responsibilities and
 weighted sufficient statistics for the four covariance types, batched over a leading group
-axis ``G`` and chunked over samples under a memory budget. Two backends export the same
+axis ``G`` and chunked over samples under a memory budget. One EM iteration of a fit is one
+fused pass (``_fused.em_pass``: log-densities, responsibilities and centred statistics per
+chunk of rows sized to the cache, never the ``(G, N, K)`` matrix). Two backends export the same
 ``log_prob_norm`` and ``m_step_statistics``: dense torch (``_dense``, re-exported here) and
 KeOps (``idefender_gpu.kernels._keops``, imported lazily: pykeops is optional). Factor
 conversions and the covariance-shape table (:func:`precision_shape`) live in ``_linalg``;
@@ -13,11 +15,16 @@ detector stack).
 """
 
 from ._chunks import (
+    CACHE_SHARE,
     CUDA_FREE_FRACTION,
+    DEFAULT_CACHE_BYTES,
     DEFAULT_MEMORY_BUDGET,
     MIN_CHUNK_ROWS,
+    MIN_PASS_ROWS,
+    cache_bytes,
     chunk_rows,
     default_memory_budget,
+    pass_rows,
 )
 from ._dense import (
     estimate_gaussian_parameters,
@@ -32,6 +39,7 @@ from ._dense import (
     tied_covariance,
     tied_second_moment,
 )
+from ._fused import em_pass, pass_bytes_per_row
 from ._linalg import (
     COVARIANCE_TYPES,
     check_cholesky_info,
@@ -47,7 +55,14 @@ from ._linalg import (
 from ._settings import allow_tf32, tf32_enabled
 
 __all__ = [
+    "CACHE_SHARE",
     "COVARIANCE_TYPES",
+    "DEFAULT_CACHE_BYTES",
+    "MIN_PASS_ROWS",
+    "cache_bytes",
+    "em_pass",
+    "pass_bytes_per_row",
+    "pass_rows",
     "CUDA_FREE_FRACTION",
     "MIN_CHUNK_ROWS",
     "allow_tf32",

@@ -8,16 +8,23 @@ on CUDA with a minimum row count (large GEMMs).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 __all__ = [
+    "CACHE_SHARE",
     "CUDA_FREE_FRACTION",
+    "DEFAULT_CACHE_BYTES",
     "DEFAULT_MEMORY_BUDGET",
     "MIN_CHUNK_ROWS",
+    "MIN_PASS_ROWS",
+    "cache_bytes",
     "chunk_rows",
     "default_memory_budget",
+    "pass_rows",
 ]
 
 #: Default bound, in bytes, on the intermediates of one chunk, per device type. On CPU
@@ -75,3 +82,70 @@ def _chunks(n_rows: int, rows: int) -> Iterator[slice]:
     """Consecutive slices of at most ``rows`` of ``range(n_rows)``."""
     for start in range(0, n_rows, rows):
         yield slice(start, min(start + rows, n_rows))
+
+
+# --------------------------------------------------------------------------------------
+# Chunks of the fused EM pass: sized to the cache (CPU)
+# --------------------------------------------------------------------------------------
+
+#: Cache bytes assumed where ``/sys/devices/system/cpu/cpu0/cache`` is not readable.
+DEFAULT_CACHE_BYTES = 1 * 2**20
+
+#: Share of :func:`cache_bytes` that one chunk's working set of the fused pass may fill
+#: on CPU (the rest holds the parameters the chunk is multiplied with, and the stack).
+CACHE_SHARE = 0.5
+
+#: Fewest rows per chunk of the fused pass on CPU by default: below this the GEMMs are
+#: too thin to run near the matmul peak (``benchmarks/chunk_study.py`` measures it).
+MIN_PASS_ROWS = 64
+
+_SIZE_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _parse_size(text: str) -> int:
+    """``'1024K'`` -> 1048576 (the format of sysfs cache sizes)."""
+    text = text.strip()
+    if text and text[-1].upper() in _SIZE_SUFFIX:
+        return int(text[:-1]) * _SIZE_SUFFIX[text[-1].upper()]
+    return int(text)
+
+
+@functools.lru_cache(maxsize=None)
+def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Bytes of the largest cache private to one core (L2 on current x86 and ARM
+    servers), read once from sysfs; a cache shared by several cores counts as its
+    share per core. :data:`DEFAULT_CACHE_BYTES` where sysfs has no answer."""
+    best = 0
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            size = _parse_size((index / "size").read_text())
+            shared = (index / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        n_sharing = sum(int(b) - int(a) + 1 if "-" in part else 1
+                        for part in shared.split(",") if part
+                        for a, _, b in [part.partition("-")]) if shared else 1
+        best = max(best, size // max(1, n_sharing))
+    return best or DEFAULT_CACHE_BYTES
+
+
+def pass_rows(
+    n_rows: int, bytes_per_row: int, memory_budget: int | None, device: torch.device | str = "cpu"
+) -> int:
+    """Rows per chunk of the fused EM pass (:func:`~._fused.em_pass`).
+
+    An explicit ``memory_budget`` is honoured exactly, as in :func:`chunk_rows`. By
+    default, on CPU the chunk's working set (``bytes_per_row`` per row) fills
+    :data:`CACHE_SHARE` of :func:`cache_bytes`, with at least :data:`MIN_PASS_ROWS` rows,
+    and never more than the default budget; on other devices :func:`chunk_rows`'s rule.
+    """
+    device = torch.device(device)
+    if memory_budget is not None or device.type != "cpu":
+        return chunk_rows(n_rows, bytes_per_row, memory_budget, device)
+    per_row = max(1, bytes_per_row)
+    rows = max(MIN_PASS_ROWS, int(CACHE_SHARE * cache_bytes()) // per_row)
+    rows = min(rows, max(1, default_memory_budget(device) // per_row))
+    return max(1, min(n_rows, rows))

@@ -1,10 +1,13 @@
 """EM backends: how an E-step and an M-step are computed (private).
 
-Each backend is one class with the same three static methods; adding a backend is one class
-plus one table entry (C14). The EM driver never looks inside.
+Each backend is one class with the same two static methods: ``pass_statistics`` (one EM
+pass: the log-likelihood sum and the sufficient statistics centred on the current means,
+which the one :func:`~idefender_gpu.kernels.statistics_to_parameters` turns into parameters)
+and ``log_prob_norm`` (scoring); adding a backend is one class plus one table entry (C14).
+The EM driver never looks inside.
 
-* ``torch`` (dense): the E-step materialises the ``(G, N, K)`` responsibilities with batched
-  GEMMs and the M-step reuses them.
+* ``torch`` (dense): one fused pass per chunk of rows (:func:`~idefender_gpu.kernels.em_pass`):
+  log-densities, responsibilities and statistics together, never the ``(G, N, K)`` matrix.
 * ``keops``: the E-step keeps only ``log p(x)`` ``(G, N)``; the M-step recomputes the
   responsibilities lazily inside one KeOps reduction (split into slices of samples along a
   chunk axis, so it runs in parallel over N), which returns the sufficient statistics of
@@ -25,36 +28,24 @@ from torch import Tensor
 from idefender_gpu import kernels
 
 
-def _mean_log_prob(log_prob_norm: Tensor, weight: Tensor | None, counts: Tensor) -> Tensor:
-    """Per-group mean of ``log p(x)`` over real samples, ``(G,)``."""
+def _log_lik_sum(log_prob_norm: Tensor, weight: Tensor | None) -> Tensor:
+    """Per-group sum of ``log p(x)`` over real samples, ``(G,)``."""
     if weight is None:
-        return log_prob_norm.mean(-1)
-    return torch.where(weight > 0, log_prob_norm, 0).sum(-1) / counts
+        return log_prob_norm.sum(-1)
+    return torch.where(weight > 0, log_prob_norm, 0).sum(-1)
 
 
 class DenseEM:
-    """Dense torch backend."""
+    """Dense torch backend: one fused pass per EM iteration (:func:`kernels.em_pass`)."""
 
     name = "torch"
 
     @staticmethod
-    def e_step(X, weight, counts, params, covariance_type, memory_budget):
-        """``(mean log-likelihood (G,), responsibilities (G, N, K))``."""
-        log_prob_norm, log_resp = kernels.estimate_log_prob_resp(
-            X, params.weights.log(), params.means, params.prec_chol, covariance_type,
-            memory_budget=memory_budget,
-        )
-        resp = log_resp.exp()  # (G, N, K)
-        if weight is not None:
-            resp = torch.where(weight.unsqueeze(-1) > 0, resp, 0)
-        return _mean_log_prob(log_prob_norm, weight, counts), resp
-
-    @staticmethod
-    def m_step(X, weight, resp, params, covariance_type, reg_covar, memory_budget):
-        """``(nk, means, covariances)`` from the E-step's responsibilities."""
-        return kernels.estimate_gaussian_parameters(
-            X, resp, reg_covar, covariance_type, memory_budget=memory_budget
-        )
+    def pass_statistics(X, weight, params, covariance_type, memory_budget):
+        """One pass over ``X (G, N, D)``: ``(Σ log p(x) (G,), counts, first, second)``,
+        the statistics centred on ``params.means`` (:func:`kernels.shifted_statistics`'s)."""
+        return kernels.em_pass(X, params.weights.log(), params.means, params.prec_chol,
+                               covariance_type, sample_weight=weight, memory_budget=memory_budget)
 
     @staticmethod
     def log_prob_norm(X, params, covariance_type, memory_budget):
@@ -69,23 +60,19 @@ class KeOpsEM:
     name = "keops"
 
     @staticmethod
-    def e_step(X, weight, counts, params, covariance_type, memory_budget):
-        """``(mean log-likelihood (G,), log p(x) (G, N))``."""
+    def pass_statistics(X, weight, params, covariance_type, memory_budget):
+        """As :meth:`DenseEM.pass_statistics`: ``log p(x)`` by one KeOps reduction, then
+        the statistics with the responsibilities recomputed lazily (a second one)."""
         from idefender_gpu.kernels import _keops
 
-        log_prob_norm = _keops.log_prob_norm(X, params.weights.log(), params.means,
-                                             params.prec_chol, covariance_type)
-        return _mean_log_prob(log_prob_norm, weight, counts), log_prob_norm
-
-    @staticmethod
-    def m_step(X, weight, log_prob_norm, params, covariance_type, reg_covar, memory_budget):
-        """``(nk, means, covariances)`` with the responsibilities recomputed lazily."""
-        from idefender_gpu.kernels import _keops
-
-        return _keops.m_step_statistics(
-            X, log_prob_norm, params.weights.log(), params.means, params.prec_chol,
-            covariance_type, reg_covar, sample_weight=weight, memory_budget=memory_budget,
+        log_weights = params.weights.log()
+        log_prob_norm = _keops.log_prob_norm(X, log_weights, params.means, params.prec_chol,
+                                             covariance_type)  # (G, N)
+        stats = _keops.sufficient_statistics(
+            X, log_prob_norm, log_weights, params.means, params.prec_chol, covariance_type,
+            sample_weight=weight, memory_budget=memory_budget,
         )
+        return (_log_lik_sum(log_prob_norm, weight), *stats)
 
     @staticmethod
     def log_prob_norm(X, params, covariance_type, memory_budget):

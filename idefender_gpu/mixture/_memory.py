@@ -2,7 +2,9 @@
 
 :func:`open_memory` validates ``X`` (and ``y``) once and lays the samples out as
 ``(G, N_max, D)`` on the storage device; :class:`InMemorySource` makes one E+M step per
-call with the fit's backend, and draws the initial responsibilities of ``init_params``
+call with the fit's backend (one pass over the tensor's chunks: the dense backend's fused
+:func:`~idefender_gpu.kernels.em_pass`, statistics centred on the current means, as the
+streamed and data-parallel fits), and draws the initial responsibilities of ``init_params``
 (one function per value, a dispatch table).
 """
 
@@ -112,13 +114,14 @@ class InMemorySource:
 
     def em_step(self, params: Params, cfg: Config) -> tuple[Tensor, Params, Tensor]:
         """Mean log-likelihood ``(G,)`` under ``params``, the new parameters and the
-        Cholesky ``info`` of the new covariances."""
-        g, backend = self.groups, cfg.backend
-        mean_log_prob, e_state = backend.e_step(g.X, g.weight, g.counts, params,
-                                                cfg.covariance_type, cfg.memory_budget)
-        stats = backend.m_step(g.X, g.weight, e_state, params, cfg.covariance_type,
-                               cfg.reg_covar, cfg.memory_budget)
-        return (mean_log_prob, *finish_m_step(*stats, cfg))
+        Cholesky ``info`` of the new covariances: one pass of the backend (the dense one
+        fused chunk by chunk), the statistics centred on the current means."""
+        g = self.groups
+        log_lik, counts, first, second = cfg.backend.pass_statistics(
+            g.X, g.weight, params, cfg.covariance_type, cfg.memory_budget)
+        stats = kernels.statistics_to_parameters(counts, first, second, params.means,
+                                                 cfg.reg_covar, cfg.covariance_type)
+        return (log_lik / g.counts, *finish_m_step(*stats, cfg))
 
     def block(self, start: int, stop: int, device: torch.device) -> "InMemorySource":
         """The groups ``[start, stop)`` on ``device``."""

@@ -245,19 +245,25 @@ class StreamSource:
         return counts, first, second, log_lik
 
     def em_step(self, params: Params, cfg: Config):
-        """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``."""
+        """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``.
+
+        Each batch is one fused pass of the dense backend (:func:`kernels.em_pass`) on
+        the groups it holds: its statistics centred on the current means are added to
+        the totals (no ``(n, K)`` responsibilities kept)."""
+        G, K, D = params.means.shape
+        ctype = cfg.covariance_type
         log_weights = params.weights.log()
-
-        def e_step(Xp, weight, present):
-            log_prob_norm, log_resp = kernels.estimate_log_prob_resp(
-                Xp, log_weights[present], params.means[present], params.prec_chol[present],
-                cfg.covariance_type, memory_budget=cfg.memory_budget,
-            )
-            return log_resp.exp(), log_prob_norm
-
-        counts, first, second, log_lik = self._accumulate(params.means, cfg.covariance_type, e_step)
+        shapes = kernels.statistics_shapes(ctype, G, K, D)
+        counts, first, second = (params.means.new_zeros(shape) for shape in shapes)
+        log_lik = params.means.new_zeros(G)
+        for Xp, weight, present in self._batches():
+            ll, c, f, s = kernels.em_pass(Xp, log_weights[present], params.means[present],
+                                          params.prec_chol[present], ctype, sample_weight=weight,
+                                          memory_budget=cfg.memory_budget)
+            for total, part in ((log_lik, ll), (counts, c), (first, f), (second, s)):
+                total.index_add_(0, present, part)
         stats = kernels.statistics_to_parameters(counts, first, second, params.means,
-                                                 cfg.reg_covar, cfg.covariance_type)
+                                                 cfg.reg_covar, ctype)
         return (log_lik / self.counts, *finish_m_step(*stats, cfg))
 
     def initial_statistics(self, method: str, gen: torch.Generator, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
