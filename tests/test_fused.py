@@ -110,7 +110,7 @@ def test_fit_allocates_no_n_by_k_tensor_per_iteration(monkeypatch):
         BatchedGaussianMixture(2, max_iter=max_iter, tol=0.0, init_params="random_from_data",
                                random_state=0, dtype="float64").fit(X, y)
         counts[max_iter] = len(calls)
-    assert counts[1] == counts[6]
+    assert counts[1] == counts[3]
 
 
 @pytest.mark.filterwarnings("ignore::idefender_gpu.exceptions.ConvergenceWarning")
