@@ -103,7 +103,7 @@ def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _host_blocks(tensor: Tensor, block_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+def _host_blocks(tensor: Tensor, block_bytes: int | None = None) -> Iterator[np.ndarray]:
     """The bytes of ``tensor`` (row-major, any device or strides) as consecutive host
     ``uint8`` arrays of about ``block_bytes`` each: views of a contiguous CPU tensor's own
     memory, else one block copied at a time."""
@@ -115,7 +115,7 @@ def _host_blocks(tensor: Tensor, block_bytes: int = BLOCK_BYTES) -> Iterator[np.
     elif t.ndim == 0:
         t = t.reshape(1)
     row_bytes = _nbytes(t[0])
-    step = max(1, int(block_bytes) // max(1, row_bytes))
+    step = max(1, int(BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, row_bytes))
     for start in range(0, t.shape[0], step):
         part = t[start:start + step]
         if part.device.type != "cpu":
@@ -147,7 +147,7 @@ def _header(metadata: dict[str, str], entries: dict[str, dict[str, Any]]) -> byt
 
 
 def save_file(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str], *,
-              digest_of: tuple[str, str] | None = None, block_bytes: int = BLOCK_BYTES) -> None:
+              digest_of: tuple[str, str] | None = None, block_bytes: int | None = None) -> None:
     """Write ``tensors`` to ``filename`` as a safetensors file, block by block.
 
     The streamed counterpart of ``safetensors.torch.save_file``: tensors (any device,
@@ -165,7 +165,8 @@ def save_file(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str
         When given, ``metadata["sha256"]`` is set to :func:`digest` of ``marker``,
         ``config_json`` and the tensors, computed from the blocks as they are written (the
         header is rewritten in place at the end).
-    block_bytes : int
+    block_bytes : int, optional
+        Default :data:`BLOCK_BYTES`.
     """
     names = sorted(tensors)
     entries, offset = {}, 0
@@ -330,7 +331,7 @@ def _mapped_tensor(mapped: _mmap.mmap, handle: BinaryIO, entry: tuple, sha: _Dig
 
 def read_verified(path: Any, marker: str, *, kind: str, version: int, device: Any = None,
                   pin_memory: bool = False, mmap: bool = False,
-                  block_bytes: int = BLOCK_BYTES) -> tuple[dict[str, Any], dict[str, Tensor]]:
+                  block_bytes: int | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a file written by :func:`write_verified`: ``(config, tensors)``.
 
     Each tensor is read straight into its place and hashed on the way (one copy of the
@@ -354,7 +355,8 @@ def read_verified(path: Any, marker: str, *, kind: str, version: int, device: An
         CPU tensors as views of a private memory map of the file instead of copies (the
         file must stay in place, unmodified, while they live; a rename over it is safe).
         Not with a CUDA ``device`` or ``pin_memory``.
-    block_bytes : int
+    block_bytes : int, optional
+        Default :data:`BLOCK_BYTES`.
 
     Raises
     ------
@@ -369,6 +371,7 @@ def read_verified(path: Any, marker: str, *, kind: str, version: int, device: An
     """
     path = check_path(path)
     where = repr(str(path))
+    block_bytes = BLOCK_BYTES if block_bytes is None else int(block_bytes)
     device = torch.device("cpu" if device is None else device)
     if mmap and (device.type != "cpu" or pin_memory):
         raise ValueError(f"mmap=True maps the file into host memory: it needs device='cpu' and "

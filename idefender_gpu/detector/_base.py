@@ -50,6 +50,7 @@ from idefender_gpu.features import (
     model_dtype,
     parse_layers,
 )
+from idefender_gpu.mixture import BatchedGaussianMixture
 
 
 logger = logging.getLogger("idefender_gpu.detector")
@@ -76,6 +77,7 @@ class _DetectorBase:
         "reg_covar": [Interval(Real, 0.0, None, closed="left")],
         "dtype": [None, Predicate(_is_dtype, "one of 'float32', 'float64', torch.float32, torch.float64")],
         "memory_budget": [None, Interval(Integral, 0, None, closed="neither")],
+        "storage_device": BatchedGaussianMixture._parameter_constraints["storage_device"],
         "progress": [None, "boolean"],
     }
 
@@ -162,7 +164,18 @@ class _DetectorBase:
                 "loader of natural training data before using this detector."
             )
 
+    def _storage(self) -> tuple[torch.device | None, bool]:
+        """``(storage device, pin)``: where the fitted tensors live (None: the model's device,
+        moved whole) and whether host storage is pinned (the model is on CUDA)."""
+        if self.storage_device is None:
+            return None, False
+        storage = torch.device(self.storage_device)
+        return storage, storage.type == "cpu" and model_device(self.model).type == "cuda"
+
     def _set_fitted(self, specs, densities, n_classes, input_shape, thresholds, keep) -> None:
+        storage, pin = self._storage()
+        if storage is not None:  # kept there; scoring moves blocks of classes (no copy if already there)
+            densities = {spec: density.stored_on(storage, pin) for spec, density in densities.items()}
         self._specs = tuple(specs)
         self._densities = dict(densities)
         self.layers_ = tuple(spec.spec for spec in specs)
@@ -188,8 +201,14 @@ class _DetectorBase:
         return self._per_layer("prec_chol")
 
     def _densities_on(self, device: torch.device) -> dict[str, Any]:
-        """The fitted densities on ``device``; moved once (with ``thresholds_``) if the model moved."""
+        """The fitted densities for scoring on ``device``: moved once (with ``thresholds_``) if
+        the model moved, unless they live on ``storage_device`` (then they stay there and
+        score in blocks of classes, :mod:`._densities`)."""
         first = next(iter(self._densities.values()))
+        if self.storage_device is not None:
+            if self.thresholds_.device != device:
+                self.thresholds_ = self.thresholds_.to(device)
+            return self._densities
         if first.means.device != device:
             self._densities = {spec: density.to(device) for spec, density in self._densities.items()}
             self.thresholds_ = self.thresholds_.to(device)
@@ -477,6 +496,15 @@ class _DetectorBase:
         Parameters
         ----------
         path : str or os.PathLike
+
+        Notes
+        -----
+        The tensors are written block by block (blocks of classes) from where they live
+        (the model's device or ``storage_device``), and the digest is computed from the
+        same blocks: the file is never assembled in memory, so saving needs one block of
+        host memory beyond the detector itself (:mod:`idefender_gpu._files`).
+        ``storage_device`` is not written: it belongs to the machine, and :meth:`load`
+        takes its own.
         """
         self._check_is_fitted()
         header = _io.DetectorHeader(
@@ -490,7 +518,8 @@ class _DetectorBase:
         write_once(lambda: _io.write_detector_file(path, config, tensors), "saving the detector")
 
     @classmethod
-    def load(cls, path: Any, model: nn.Module) -> "_DetectorBase":
+    def load(cls, path: Any, model: nn.Module, *, storage_device: Any = None,
+             mmap: bool = False) -> "_DetectorBase":
         """Read a detector written by :meth:`save` and attach it to ``model``.
 
         Never unpickles: the file is parsed by safetensors, so a crafted file cannot run
@@ -502,8 +531,16 @@ class _DetectorBase:
         ----------
         path : str or os.PathLike
         model : torch.nn.Module
-            The classifier the detector was fitted on (same architecture and weights);
-            the fitted tensors are moved to its device.
+            The classifier the detector was fitted on (same architecture and weights).
+        storage_device : str or torch.device, optional
+            Where the fitted tensors are kept, as the constructor's ``storage_device``
+            (host memory is pinned when ``model`` is on CUDA). Default: ``model``'s device.
+        mmap : bool, default=False
+            Keep the fitted tensors as views of a memory map of the file instead of
+            copies: the operating system pages them in as classes are scored. The storage
+            must then be the CPU (``storage_device='cpu'``, or a CPU model), and the file
+            must stay in place, unmodified, while the detector lives (saving another
+            detector over it is safe: files are replaced by a rename).
 
         Returns
         -------
@@ -515,27 +552,43 @@ class _DetectorBase:
             If the file is truncated, tampered with, not a detector, a detector of another
             class, or fitted on a model whose layers differ from ``model``'s
             (``FileNotFoundError`` for a missing file, ``TypeError`` for a ``path`` that is
-            not a str or ``os.PathLike``).
+            not a str or ``os.PathLike``); for ``mmap=True`` with a storage that is not the
+            CPU. ``InvalidParameterError`` for a ``storage_device`` that is not a device.
+
+        Notes
+        -----
+        Each tensor is read straight from the file into its place (the storage device, a
+        CUDA device through one pinned block, or pinned host memory) and hashed on the
+        way: loading holds one copy of the parameters, never the file's bytes beside them.
         """
-        config, tensors = _io.read_detector_file(path)
         where = f"{str(path)!r}"
+        check_param(storage_device, "storage_device", cls._parameter_constraints["storage_device"],
+                    f"{cls.__name__}.load")
+        check_param(mmap, "mmap", ["boolean"], f"{cls.__name__}.load")
+        device = model_device(model)
+        target = device if storage_device is None else torch.device(storage_device)
+        if mmap and target.type != "cpu":
+            raise ValueError(f"mmap=True keeps the parameters memory-mapped in host memory: it needs "
+                             f"storage_device='cpu' (or a model on the CPU); the storage would be {str(target)!r}")
+        pin = target.type == "cpu" and device.type == "cuda" and not mmap
+        config, tensors = _io.read_detector_file(path, device=target, pin_memory=pin, mmap=mmap)
         header, thresholds = _io.parse_detector_record(config, tensors, detector=cls.__name__,
                                                        density=cls._density_name, where=where)
         try:
-            detector = cls(model, list(header.layers), keep=header.keep, dtype=config["dtype"], **header.params)
+            detector = cls(model, list(header.layers), keep=header.keep, dtype=config["dtype"],
+                           storage_device=storage_device, **header.params)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} does not fit this model or is malformed: {exc}") from None
         specs = parse_layers(model, detector.layers)
         detector._check_model_matches(specs, header.n_classes, header.input_shape, header.n_features, where)
         density_cls = DENSITIES[cls._density_name]
-        device = model_device(model)
         densities = {}
         for index, spec in enumerate(specs):
             density = density_cls.from_tensors(
                 tensors, n_classes=header.n_classes, n_features=header.n_features[index],
                 config=detector._config(), dtype=header.dtype, prefix=_io.layer_prefix(index),
             )
-            densities[spec.spec] = density.to(device)
+            densities[spec.spec] = density if storage_device is not None else density.to(device)
         detector._set_fitted(specs, densities, header.n_classes, header.input_shape, thresholds.to(device),
                              header.keep)
         return detector

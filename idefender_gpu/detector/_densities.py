@@ -24,13 +24,24 @@ batched kernel call, each with its class's parameters gathered: no Python loop o
 samples or classes, at most ``P + n_present (m - 1) < 2P`` rows and at most
 ``2 n_present`` gathered parameter sets, whatever the class balance of the batch. Tiles
 are processed in blocks that keep the gathered parameters under the memory budget.
+
+Storage device: the fitted tensors may live on another device than the hidden states
+(``storage_device``: host memory, pinned when the states are on CUDA, or a memory map).
+A density marked ``stored`` (:meth:`ClassMixtures.stored_on`) never moves whole: each block
+of classes (``log_prob``), or the distinct classes of each block of tiles
+(``log_prob_classes``), is gathered where the tensors live and copied to the states' device
+(:func:`fetch`; from pinned memory through a pinned block, asynchronously), so the
+compute device holds one block of parameters at a time. The numbers are those of the
+unmoved density; gradients flow to ``h`` as before (the parameters are constants).
+:meth:`ClassMixtures.from_class_blocks` builds the fitted tensors the same way, one block
+of classes at a time, written to the storage device.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -41,8 +52,8 @@ from idefender_gpu.mixture import BatchedGaussianMixture
 
 _LOG_2PI = math.log(2 * math.pi)
 
-__all__ = ["ClassMixtures", "ClassTiles", "DENSITIES", "SharedCovarianceGaussians", "class_tiles",
-           "sum_log_density"]
+__all__ = ["ClassMixtures", "ClassTiles", "DENSITIES", "SharedCovarianceGaussians", "class_tiles", "fetch",
+           "store", "sum_log_density"]
 
 
 def sum_log_density(densities: dict[str, Any], states: dict[str, Tensor],
@@ -67,6 +78,44 @@ def sum_log_density(densities: dict[str, Any], states: dict[str, Tensor],
             log_prob = density.log_prob_classes(h, tiles, memory_budget)  # (B,) or (B, m)
         total = log_prob if total is None else total + log_prob
     return total
+
+
+def fetch(tensor: Tensor, index: slice | Tensor, device: torch.device) -> Tensor:
+    """``tensor[index]`` on ``device``, indexed where ``tensor`` lives (only the rows asked
+    for move). From pinned host memory to CUDA the rows go through a pinned block,
+    asynchronously (PyTorch's pinned-memory cache keeps the block until the copy is done)."""
+    if isinstance(index, Tensor):
+        index = index.to(tensor.device)
+    if tensor.device == device:
+        return tensor[index]
+    if device.type == "cuda" and tensor.device.type == "cpu" and tensor.is_pinned():
+        if isinstance(index, slice):
+            part = tensor[index]  # a view of pinned memory
+        else:
+            part = torch.empty((index.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+            torch.index_select(tensor, 0, index, out=part)
+        return part.to(device, non_blocking=True)
+    return tensor[index].to(device)
+
+
+def _row_step(tensor: Tensor, block_bytes: int = 64 * 2**20) -> int:
+    return max(1, block_bytes // max(1, tensor[:1].numel() * tensor.element_size()))
+
+
+def store(tensor: Tensor, device: torch.device, pin: bool) -> Tensor:
+    """``tensor`` on the storage ``device`` (host memory pinned when ``pin``), copied in
+    blocks of rows into one destination (never a second full copy on the host)."""
+    if tensor.device == device and (not pin or tensor.is_pinned()):
+        return tensor
+    if not pin:
+        return tensor.to(device)
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    if tensor.ndim == 0:
+        return out.copy_(tensor)
+    step = _row_step(tensor)
+    for start in range(0, tensor.shape[0], step):
+        out[start:start + step].copy_(tensor[start:start + step])
+    return out
 
 
 def _budget(memory_budget: int | None, device: torch.device) -> int:
@@ -165,12 +214,17 @@ class ClassMixtures:
     prec_chol : Tensor
         ``precisions_cholesky_`` of the classes' mixtures, with leading ``n_classes``.
     covariance_type : str
+    stored : bool
+        The tensors stay where they are (a storage device) and blocks of classes move to
+        the states' device when scoring (see the module docstring), even when both devices
+        are the same.
     """
 
     weights: Tensor
     means: Tensor
     prec_chol: Tensor
     covariance_type: str
+    stored: bool = False
     #: the fit is a BatchedGaussianMixture fit, data-parallel inside ``data_parallel``
     data_parallel: ClassVar[bool] = True
 
@@ -181,6 +235,50 @@ class ClassMixtures:
         mixture = BatchedGaussianMixture(**options).fit(H, labels)
         return cls(mixture.weights_, mixture.means_, mixture.precisions_cholesky_, options["covariance_type"])
 
+    @classmethod
+    def from_class_blocks(cls, parameters: Callable[[slice], tuple[Tensor, Tensor, Tensor]], n_classes: int,
+                          n_features: int, covariance_type: str, *, dtype: torch.dtype, device: torch.device,
+                          memory_budget: int | None = None, storage: torch.device | None = None,
+                          pin: bool = False) -> "ClassMixtures":
+        """The fitted tensors computed one block of classes at a time.
+
+        ``parameters(block)`` returns ``(weights, means, prec_chol)`` of the classes of
+        ``block`` (a slice), computed on ``device``; blocks are sized so that about four
+        ``(D, D)`` temporaries per class fit ``memory_budget``, and each block's result is
+        copied into one tensor per field on ``storage`` (pinned when ``pin``; None: on
+        ``device``). With one block and no storage device, the one call's result as is.
+        """
+        D = n_features
+        per_class = 4 * (D * D if covariance_type in ("full", "tied") else D) * dtype.itemsize
+        blocks = _class_blocks(n_classes, per_class, memory_budget, device)
+        if len(blocks) == 1 and storage is None:
+            return cls(*parameters(slice(None)), covariance_type)
+        target = device if storage is None else storage
+        out = None
+        for block in blocks:
+            parts = parameters(block)
+            if out is None:
+                out = [torch.empty((n_classes, *part.shape[1:]), dtype=part.dtype, device=target,
+                                   pin_memory=pin) for part in parts]
+            for field, part in zip(out, parts):
+                field[block].copy_(part)
+        return cls(*out, covariance_type, stored=storage is not None)
+
+    def stored_on(self, device: torch.device, pin: bool = False) -> "ClassMixtures":
+        """This density with its tensors kept on the storage ``device`` (see ``stored``)."""
+        return ClassMixtures(store(self.weights, device, pin), store(self.means, device, pin),
+                             store(self.prec_chol, device, pin), self.covariance_type, stored=True)
+
+    def _moves(self, device: torch.device) -> bool:
+        """Whether scoring on ``device`` gathers blocks (a storage device) rather than
+        indexing the tensors in place."""
+        return self.stored or self.means.device != device
+
+    def _take(self, index: slice | Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(weights, means, prec_chol)`` of the classes ``index`` on ``device``."""
+        return (fetch(self.weights, index, device), fetch(self.means, index, device),
+                fetch(self.prec_chol, index, device))
+
     def _param_bytes(self) -> int:
         """Bytes of one class's parameters."""
         C = self.means.shape[0]
@@ -189,18 +287,20 @@ class ClassMixtures:
 
     def _block_log_prob(self, h: Tensor, block: slice, memory_budget: int | None) -> Tensor:
         """``log p(h | c)`` for the classes of ``block``: ``(B, block size)``."""
-        log_prob = kernels.log_gaussian_prob(h, self.means[block], self.prec_chol[block],
-                                             self.covariance_type, memory_budget=memory_budget)  # (Cb, B, K)
-        log_prob = log_prob + self.weights[block].log().unsqueeze(-2)  # (Cb, B, K)
+        weights, means, prec_chol = self._take(block, h.device)
+        log_prob = kernels.log_gaussian_prob(h, means, prec_chol, self.covariance_type,
+                                             memory_budget=memory_budget)  # (Cb, B, K)
+        log_prob = log_prob + weights.log().unsqueeze(-2)  # (Cb, B, K)
         return torch.logsumexp(log_prob, dim=-1).mT  # (B, Cb)
 
     def log_prob(self, h: Tensor, memory_budget: int | None = None) -> Tensor:
         """``log p(h | c)`` for every class: ``h (B, D)`` -> ``(B, n_classes)``.
 
-        In blocks of classes whose parameters fit ``memory_budget`` (one block when all do).
+        In blocks of classes whose parameters fit ``memory_budget`` (one block when all do);
+        a stored density moves one block at a time to ``h``'s device.
         """
         blocks = _class_blocks(self.means.shape[0], self._param_bytes(), memory_budget, h.device)
-        if len(blocks) == 1:
+        if len(blocks) == 1 and not self._moves(h.device):
             return self._block_log_prob(h, slice(None), memory_budget)
         return torch.cat([self._block_log_prob(h, block, memory_budget) for block in blocks], dim=1)
 
@@ -210,11 +310,17 @@ class ClassMixtures:
         K, D = self.means.shape[1:]
         tile_bytes = self._param_bytes() + 2 * tiles.rows * K * D * h.element_size()
         out = []
+        moves = self._moves(h.device)
         for block in _tile_blocks(tiles.n_tiles, tile_bytes, memory_budget, h.device):
             cls = tiles.tile_class[block]  # (Tb,)
-            log_prob = kernels.log_gaussian_prob(X[block], self.means[cls], self.prec_chol[cls],
+            if moves:  # the distinct classes move once, then are laid out per tile on the device
+                present, inverse = torch.unique(cls, return_inverse=True)  # (U,), (Tb,)
+                weights, means, prec_chol = (t[inverse] for t in self._take(present, h.device))
+            else:
+                weights, means, prec_chol = self.weights[cls], self.means[cls], self.prec_chol[cls]
+            log_prob = kernels.log_gaussian_prob(X[block], means, prec_chol,
                                                  self.covariance_type, memory_budget=memory_budget)  # (Tb, rows, K)
-            log_prob = log_prob + self.weights[cls].log().unsqueeze(-2)
+            log_prob = log_prob + weights.log().unsqueeze(-2)
             out.append(torch.logsumexp(log_prob, dim=-1))  # (Tb, rows)
         return tiles.unlayout(out[0] if len(out) == 1 else torch.cat(out))
 
@@ -223,8 +329,8 @@ class ClassMixtures:
         return int(self.means.shape[-1])
 
     def to(self, device: torch.device) -> "ClassMixtures":
-        return ClassMixtures(self.weights.to(device), self.means.to(device), self.prec_chol.to(device),
-                             self.covariance_type)
+        return replace(self, weights=self.weights.to(device), means=self.means.to(device),
+                       prec_chol=self.prec_chol.to(device))
 
     def tensors(self) -> dict[str, Tensor]:
         return {"weights": self.weights, "means": self.means, "prec_chol": self.prec_chol}
@@ -250,10 +356,15 @@ class SharedCovarianceGaussians:
         Class means.
     prec_chol : Tensor of shape (D, D)
         Upper factor of the shared precision, ``Σ⁻¹ = P Pᵀ``.
+    stored : bool
+        As :class:`ClassMixtures`: kept on a storage device; the ``C D + D²`` values are
+        small, so all-class scoring moves them whole, scoring under given classes moves the
+        factor and the distinct classes' means.
     """
 
     means: Tensor
     prec_chol: Tensor
+    stored: bool = False
     #: :meth:`fit` (in memory) is not data-parallel; the detector fits by streaming
     #: (:meth:`from_moments`), which is
     data_parallel: ClassVar[bool] = False
@@ -297,7 +408,8 @@ class SharedCovarianceGaussians:
         The classes share one factor, so all of them take one ``(B, D) @ (D, D)`` product
         and the kernel's chunks of samples bound the memory.
         """
-        return kernels.log_gaussian_prob(h, self.means.unsqueeze(0), self.prec_chol.unsqueeze(0), "tied",
+        means, prec_chol = fetch(self.means, slice(None), h.device), fetch(self.prec_chol, slice(None), h.device)
+        return kernels.log_gaussian_prob(h, means.unsqueeze(0), prec_chol.unsqueeze(0), "tied",
                                          memory_budget=memory_budget)[0]  # (B, C)
 
     def log_prob_classes(self, h: Tensor, tiles: ClassTiles, memory_budget: int | None = None) -> Tensor:
@@ -308,12 +420,19 @@ class SharedCovarianceGaussians:
         pair; the tiles' layout is not needed (the factor is shared).
         """
         D = self.means.shape[-1]
-        centre = self.means.detach().mean(0, keepdim=True)  # (1, D)
-        y = (h - centre) @ self.prec_chol  # (B, D)
-        mu_prec = (self.means - centre) @ self.prec_chol  # (C, D)
         flat_class = tiles.tile_class[tiles.position // tiles.rows]  # (P,) the class of each pair
+        if self.stored or self.means.device != h.device:  # the factor and the classes present move
+            centre = self.means.detach().mean(0, keepdim=True).to(h.device)  # (1, D)
+            prec_chol = fetch(self.prec_chol, slice(None), h.device)
+            present, flat_class = torch.unique(flat_class, return_inverse=True)  # (U,), (P,)
+            means = fetch(self.means, present, h.device)  # (U, D)
+        else:
+            centre = self.means.detach().mean(0, keepdim=True)  # (1, D)
+            prec_chol, means = self.prec_chol, self.means
+        y = (h - centre) @ prec_chol  # (B, D)
+        mu_prec = (means - centre) @ prec_chol  # (C, D), or (U, D)
         maha = (y[tiles.sample] - mu_prec[flat_class]).square().sum(-1)  # (P,)
-        log_det = kernels.log_det_prec_chol(self.prec_chol.unsqueeze(0), "tied", D)[0]
+        log_det = kernels.log_det_prec_chol(prec_chol.unsqueeze(0), "tied", D)[0]
         return (-0.5 * (D * _LOG_2PI + maha) + log_det).reshape(tiles.shape)
 
     @property
@@ -321,7 +440,12 @@ class SharedCovarianceGaussians:
         return int(self.means.shape[-1])
 
     def to(self, device: torch.device) -> "SharedCovarianceGaussians":
-        return SharedCovarianceGaussians(self.means.to(device), self.prec_chol.to(device))
+        return replace(self, means=self.means.to(device), prec_chol=self.prec_chol.to(device))
+
+    def stored_on(self, device: torch.device, pin: bool = False) -> "SharedCovarianceGaussians":
+        """This density with its tensors kept on the storage ``device``."""
+        return SharedCovarianceGaussians(store(self.means, device, pin), store(self.prec_chol, device, pin),
+                                         stored=True)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"means": self.means, "prec_chol": self.prec_chol}

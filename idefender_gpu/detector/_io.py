@@ -15,6 +15,13 @@ module holds what a *detector* file contains:
 :func:`write_detector_file` and :func:`read_detector_file` move ``(config, tensors)``
 to and from a file; :func:`detector_record` and :func:`parse_detector_record` translate
 between them and a :class:`DetectorHeader`.
+
+At scale (1000 classes x 4096^2 floats is 67 GB per component) a file is never held twice:
+:mod:`idefender_gpu._files` writes each tensor block by block (blocks of classes: every
+density tensor has a leading class axis) from wherever it lives, hashing as it writes, and
+reads each tensor straight into its place (a CUDA device, pinned host memory, or a memory
+map), hashing as it reads; :func:`file_tensor` checks finiteness in blocks too. The schema
+(:data:`FORMAT_VERSION` 1) is the one every release wrote, so older files load unchanged.
 """
 
 from __future__ import annotations
@@ -65,13 +72,17 @@ def write_detector_file(path: Any, config: dict[str, Any], tensors: dict[str, Te
     _files.write_verified(path, FORMAT, config, tensors)
 
 
-def read_detector_file(path: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read and verify a detector file: ``(config, tensors)`` with tensors on CPU.
+def read_detector_file(path: Any, *, device: Any = None, pin_memory: bool = False,
+                       mmap: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and verify a detector file: ``(config, tensors)``, tensors on ``device`` (CPU by
+    default; pinned, or views of a memory map of the file, as
+    :func:`idefender_gpu._files.read_verified` reads them).
 
     Raises what :func:`idefender_gpu._files.read_verified` raises: never unpickles, and
     refuses truncated, foreign, tampered and other-version files with a ``ValueError``.
     """
-    return _files.read_verified(path, FORMAT, kind="detector file", version=FORMAT_VERSION)
+    return _files.read_verified(path, FORMAT, kind="detector file", version=FORMAT_VERSION, device=device,
+                                pin_memory=pin_memory, mmap=mmap)
 
 
 # --------------------------------------------------------------------------------------
@@ -126,12 +137,21 @@ def file_tensor(tensors: dict[str, Tensor], name: str, shape: Sequence[int], dty
         problem = "it is missing"
     elif tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
         problem = f"got shape {tuple(tensor.shape)}, dtype {tensor.dtype}"
-    elif not bool(torch.isfinite(tensor).all()):
+    elif not _all_finite(tensor):
         problem = "got NaN or infinity"
     else:
         return tensor
     raise ValueError(f"detector file tensor {name!r} must have shape {tuple(shape)} and dtype {dtype} "
                      f"(from its config) and be finite; {problem}")
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every value is finite, checked in blocks of rows (no mask of the whole tensor)."""
+    if tensor.ndim == 0 or tensor.numel() == 0:
+        return bool(torch.isfinite(tensor).all())
+    step = max(1, _files.BLOCK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
+    return all(bool(torch.isfinite(tensor[start:start + step]).all())
+               for start in range(0, tensor.shape[0], step))
 
 
 def detector_record(header: DetectorHeader, thresholds: Tensor,

@@ -50,8 +50,10 @@ class MahalanobisDetector(_DetectorBase):
         ``max_c log p(h | c)`` (the class with the nearest mean); 'predicted' is the
         classifier's predicted class, as I-defender does. :meth:`reject` compares the
         score with that class's threshold.
-    dtype, memory_budget, progress
-        As in :class:`IDefender`.
+    dtype, memory_budget, storage_device, progress
+        As in :class:`IDefender` (the parameters here are ``C D + D^2`` values: a storage
+        device moves them whole for all-class scoring, the factor and the classes present
+        otherwise).
 
     Raises
     ------
@@ -108,7 +110,8 @@ class MahalanobisDetector(_DetectorBase):
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None, *, keep: float = 0.95,
                  reg_covar: float = 1e-4, score_class: str = "closest", dtype: Any = None,
-                 memory_budget: int | None = None, progress: bool | None = None) -> None:
+                 memory_budget: int | None = None, storage_device: Any = None,
+                 progress: bool | None = None) -> None:
         self._init(locals())
 
     def _config(self) -> dict[str, Any]:
