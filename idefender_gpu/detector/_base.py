@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from numbers import Integral, Real
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -566,12 +566,7 @@ class _DetectorBase:
                     f"{cls.__name__}.load")
         check_param(mmap, "mmap", ["boolean"], f"{cls.__name__}.load")
         device = model_device(model)
-        target = device if storage_device is None else torch.device(storage_device)
-        if mmap and target.type != "cpu":
-            raise ValueError(f"mmap=True keeps the parameters memory-mapped in host memory: it needs "
-                             f"storage_device='cpu' (or a model on the CPU); the storage would be {str(target)!r}")
-        pin = target.type == "cpu" and device.type == "cuda" and not mmap
-        config, tensors = _io.read_detector_file(path, device=target, pin_memory=pin, mmap=mmap)
+        config, tensors = _io.read_detector_for(path, device, storage_device, mmap)
         header, thresholds = _io.parse_detector_record(config, tensors, detector=cls.__name__,
                                                        density=cls._density_name, where=where)
         try:
@@ -580,7 +575,7 @@ class _DetectorBase:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} does not fit this model or is malformed: {exc}") from None
         specs = parse_layers(model, detector.layers)
-        detector._check_model_matches(specs, header.n_classes, header.input_shape, header.n_features, where)
+        _io.check_model_matches(model, specs, header.n_classes, header.input_shape, header.n_features, where)
         density_cls = DENSITIES[cls._density_name]
         densities = {}
         for index, spec in enumerate(specs):
@@ -592,34 +587,6 @@ class _DetectorBase:
         detector._set_fitted(specs, densities, header.n_classes, header.input_shape, thresholds.to(device),
                              header.keep)
         return detector
-
-    def _check_model_matches(self, specs, n_classes: int, input_shape: tuple[int, ...],
-                             widths: Sequence[int], where: str) -> None:
-        """Run ``model`` on a zero input; compare layer widths and the number of classes."""
-        model = self.model
-        x = torch.zeros((1, *input_shape), device=model_device(model), dtype=model_dtype(model) or torch.float32)
-        try:
-            with torch.no_grad(), eval_mode(model), HiddenStateHooks(model, specs) as hooks:
-                logits = model(x)
-                states = hooks.pop()
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"{where} was fitted on another model: this model fails on an input of the saved "
-                f"shape {(1, *input_shape)}: {exc}"
-            ) from None
-        for spec, width in zip(specs, widths):
-            got = states[spec.spec].shape[1]
-            if got != width:
-                raise ValueError(
-                    f"{where} was fitted on another model: layer {spec.spec!r} has width "
-                    f"{width} in the file but {got} in this model"
-                )
-        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[1] != n_classes:
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
-                f"{where} was fitted on another model: it has {n_classes} classes but this model "
-                f"returns {got}"
-            )
 
     def __repr__(self) -> str:
         fitted = f", n_classes_={self.n_classes_}" if self._is_fitted() else ""

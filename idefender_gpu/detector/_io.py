@@ -30,21 +30,24 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from idefender_gpu import _files
+from idefender_gpu.features import HiddenStateHooks, eval_mode, model_device, model_dtype
 
 __all__ = [
     "DTYPES",
     "DetectorHeader",
     "FORMAT",
     "FORMAT_VERSION",
+    "check_model_matches",
     "detector_record",
     "digest",
     "file_tensor",
     "layer_prefix",
     "parse_detector_record",
     "read_detector_file",
+    "read_detector_for",
     "write_detector_file",
 ]
 
@@ -83,6 +86,48 @@ def read_detector_file(path: Any, *, device: Any = None, pin_memory: bool = Fals
     """
     return _files.read_verified(path, FORMAT, kind="detector file", version=FORMAT_VERSION, device=device,
                                 pin_memory=pin_memory, mmap=mmap)
+
+
+def read_detector_for(path: Any, device: torch.device, storage_device: Any,
+                      mmap: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """:func:`read_detector_file` for a detector on a model on ``device``: the tensors go
+    straight to ``storage_device`` (pinned host memory beside CUDA) or, when None, to
+    ``device``; ``mmap`` needs that to be the CPU (``ValueError`` otherwise)."""
+    target = device if storage_device is None else torch.device(storage_device)
+    if mmap and target.type != "cpu":
+        raise ValueError(f"mmap=True keeps the parameters memory-mapped in host memory: it needs "
+                         f"storage_device='cpu' (or a model on the CPU); the storage would be {str(target)!r}")
+    pin = target.type == "cpu" and device.type == "cuda" and not mmap
+    return read_detector_file(path, device=target, pin_memory=pin, mmap=mmap)
+
+
+def check_model_matches(model: nn.Module, specs: Sequence[Any], n_classes: int, input_shape: tuple[int, ...],
+                        widths: Sequence[int], where: str) -> None:
+    """Run ``model`` on a zero input of the saved shape; compare the layer widths and the
+    number of classes with the file's (``ValueError`` naming what differs)."""
+    x = torch.zeros((1, *input_shape), device=model_device(model), dtype=model_dtype(model) or torch.float32)
+    try:
+        with torch.no_grad(), eval_mode(model), HiddenStateHooks(model, specs) as hooks:
+            logits = model(x)
+            states = hooks.pop()
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"{where} was fitted on another model: this model fails on an input of the saved "
+            f"shape {(1, *input_shape)}: {exc}"
+        ) from None
+    for spec, width in zip(specs, widths):
+        got = states[spec.spec].shape[1]
+        if got != width:
+            raise ValueError(
+                f"{where} was fitted on another model: layer {spec.spec!r} has width "
+                f"{width} in the file but {got} in this model"
+            )
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[1] != n_classes:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"{where} was fitted on another model: it has {n_classes} classes but this model "
+            f"returns {got}"
+        )
 
 
 # --------------------------------------------------------------------------------------
