@@ -36,11 +36,11 @@ from idefender_gpu.detector import _io
 from idefender_gpu.detector._densities import DENSITIES, sum_log_density
 from idefender_gpu.detector._states import (
     calibration_thresholds,
-    labelled_states,
     streamed_moments,
     streamed_thresholds,
     write_once,
 )
+from idefender_gpu.detector._streamed import fit_layers, fit_states
 from idefender_gpu.exceptions import NotFittedError
 from idefender_gpu.features import (
     HiddenStateHooks,
@@ -142,6 +142,11 @@ class _DetectorBase:
             fitted, float(self.keep), progress=self.progress)
         logger.info("fit: thresholds done in %.1f s", time.perf_counter() - start)
         self._set_fitted(specs, densities, fitted.n_classes, fitted.input_shape, thresholds, self.keep)
+
+    def _fit_density_stream(self, batches: Any, options: dict[str, Any]) -> Any:
+        """The fitted density of one layer from re-iterable ``(H (B, D), labels (B,))`` batches
+        (a callable returning a fresh pass), for detectors that fit by EM."""
+        raise NotImplementedError
 
     def _scores_all_classes(self) -> bool:
         """Whether :meth:`_scoring_class` needs the log-density of every class (else it is
@@ -261,11 +266,13 @@ class _DetectorBase:
 
         Notes
         -----
-        The hidden states of the whole loader are held on the model's device during the
-        fit (``N × Σ_layers D`` values), except for detectors with one Gaussian per class
-        (``IDefender(n_components=1)``, ``MahalanobisDetector``): they stream the loader
-        twice (per-class moments, then the thresholds), holding one batch at a time, and
-        the loader must be re-iterable (a one-shot iterator raises a ``TypeError``).
+        Detectors with one Gaussian per class (``IDefender(n_components=1)``,
+        ``MahalanobisDetector``) stream the loader twice (per-class moments, then the
+        thresholds), holding one batch at a time, and the loader must be re-iterable (a
+        one-shot iterator raises a ``TypeError``). A fit by EM holds the hidden states
+        (``N × Σ_layers D`` values) on the model's device while they fit ``memory_budget``,
+        else streams every EM pass from a cache on disk or from the model run again (see
+        :class:`~idefender_gpu.IDefender`'s ``cache``).
 
         Inside :func:`idefender_gpu.distributed.data_parallel` (under ``torchrun``), the
         loader is this rank's shard (e.g. with a ``DistributedSampler``): each layer's
@@ -281,30 +288,15 @@ class _DetectorBase:
         if self._streams_fit():
             self._fit_streamed(loader, specs)  # sets the fitted state only once it succeeded
             return self
-        density_cls = DENSITIES[self._density_name]
-        data = labelled_states(self.model, loader, specs, what="fit", min_per_class=self._min_per_class(),
-                               progress=self.progress, owner=type(self).__name__,
-                               data_parallel=density_cls.data_parallel)
-        first = next(iter(data.states.values()))
-        dtype, device = resolve_dtype(self.dtype, first), first.device
-        del first  # the states before the cast are freed by it
-        options = self._fit_options(dtype, device)
-        data = data.cast(dtype)
-        # A loop over layers (different D), never over classes: one batched fit per layer.
-        # Inside data_parallel each fit is data-parallel over the ranks' hidden states.
-        densities = {}
-        for spec, H in data.states.items():
-            start = time.perf_counter()
-            logger.info("fit: %s mixtures of %s, %d states x %d features ...", data.n_classes, spec,
-                        H.shape[0], H.shape[1])
-            densities[spec] = density_cls.fit(H, data.labels, data.n_classes, options)
-            logger.info("fit: %s mixtures done in %.1f s", spec, time.perf_counter() - start)
-        start = time.perf_counter()
-        logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
-        thresholds = data.thresholds(
-            lambda states, classes: sum_log_density(densities, states, self.memory_budget, classes),
+        data = fit_states(self.model, loader, specs,
+                          resolve_dtype=lambda h: resolve_dtype(self.dtype, h), memory_budget=self.memory_budget,
+                          cache=getattr(self, "cache", None), min_per_class=self._min_per_class(),
+                          progress=self.progress, owner=type(self).__name__)
+        # One batched fit per layer (different D), in memory or streamed; then the thresholds.
+        densities, thresholds = fit_layers(
+            data, DENSITIES[self._density_name].fit, self._fit_density_stream, self._fit_options,
+            lambda densities, states, classes: sum_log_density(densities, states, self.memory_budget, classes),
             float(self.keep))
-        logger.info("fit: thresholds done in %.1f s", time.perf_counter() - start)
         # Everything succeeded: only now touch the fitted state.
         self._set_fitted(specs, densities, data.n_classes, data.input_shape, thresholds, self.keep)
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from numbers import Integral
 from typing import Any, Sequence
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu._param_validation import Interval, Options
+from idefender_gpu._param_validation import InstanceOf, Interval, Options
 from idefender_gpu.detector._base import _DetectorBase
 from idefender_gpu.detector._densities import ClassMixtures
 from idefender_gpu.detector._moments import COVARIANCE_ESTIMATORS, gaussian_parameters
@@ -93,6 +94,11 @@ class IDefender(_DetectorBase):
     progress : bool, optional
         tqdm progress bar over the loader in :meth:`fit` / :meth:`calibrate`. Default:
         shown when stderr is a terminal.
+    cache : str or os.PathLike, optional
+        A folder for the hidden-state cache of a fit with ``n_components > 1`` whose
+        hidden states do not fit ``memory_budget`` (see Notes). Default: no cache (the
+        model runs on the loader again for every EM pass). Not used with
+        ``n_components=1``, which streams in two passes.
 
     Raises
     ------
@@ -131,8 +137,32 @@ class IDefender(_DetectorBase):
     held, so the loader must be re-iterable (a list or a ``DataLoader``). With more
     components, :meth:`fit` runs the loader once, groups the hidden states by their true
     labels and fits all classes' mixtures of a layer in one batched EM pass
-    (:class:`~idefender_gpu.mixture.BatchedGaussianMixture`, G = n_classes), holding every
-    hidden state; layers have different widths, so each layer gets its own batched fit.
+    (:class:`~idefender_gpu.mixture.BatchedGaussianMixture`, G = n_classes); layers have
+    different widths, so each layer gets its own batched fit. It holds the hidden states
+    (``N x D`` values per layer, in the compute dtype) only while they fit
+    ``memory_budget`` bytes (summed over the layers; None: a quarter of the device's
+    memory, the host's on CPU). Past it, every EM pass streams the states through
+    :meth:`BatchedGaussianMixture.fit_stream
+    <idefender_gpu.mixture.BatchedGaussianMixture.fit_stream>` (groups = classes; its
+    initialisation, from a sample of each class, is not the in-memory fit's):
+
+    * with ``cache=DIR``, from safetensors shards written by the first pass (``N x D x
+      itemsize`` bytes of disk per layer, plus 8 bytes per sample for the labels) with a
+      JSON manifest naming the model (a SHA-256 of its ``state_dict``), the layers, the
+      dtype, the input shape, the samples and each shard's SHA-256; later passes
+      memory-map the shards. A later fit on the same folder reuses a complete cache
+      without running the model (it cannot check the data themselves: use one folder per
+      loader); a cache of another model, layer set or dtype, or with a corrupted shard, is
+      refused with a ``ValueError``; an interrupted first pass is resumed (the batches
+      already written are read again but not run through the model, and must match).
+    * without a cache, by running the model again on the loader: one forward of the whole
+      loader per EM iteration and per layer (plus the initialisation's passes: one for the
+      seeding sample and the k-means passes of ``init_params='kmeans'``, and one for the
+      thresholds). The loader must be re-iterable and yield the same batches in the same
+      order on every pass (checked by their sizes and labels).
+
+    Inside :func:`~idefender_gpu.distributed.data_parallel` each rank streams its own shard
+    (its cache in the subfolder ``rank-R-of-W`` of ``DIR``).
     :meth:`log_density` is an ordinary autograd function of the input, the function
     attacks differentiate: it calls :func:`idefender_gpu.kernels.log_gaussian_prob`, adds
     the log-weights and reduces with logsumexp. ``log_density(x)`` evaluates every class
@@ -166,6 +196,7 @@ class IDefender(_DetectorBase):
                         "random_state")},
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "covariance_estimator": [Options(str, set(COVARIANCE_ESTIMATORS))],
+        "cache": [None, InstanceOf(str, os.PathLike)],
     }
 
     def __init__(
@@ -187,6 +218,7 @@ class IDefender(_DetectorBase):
         memory_budget: int | None = None,
         storage_device: Any = None,
         progress: bool | None = None,
+        cache: str | os.PathLike | None = None,
     ) -> None:
         self._init(locals())
 
@@ -213,6 +245,11 @@ class IDefender(_DetectorBase):
 
     def _moment_kinds(self) -> tuple[bool, bool, bool]:
         return self.covariance_type in ("diag", "spherical"), self.covariance_estimator == "ledoit-wolf", False
+
+    def _fit_density_stream(self, batches, options: dict[str, Any]) -> ClassMixtures:
+        mixture = BatchedGaussianMixture(**options).fit_stream(batches)
+        return ClassMixtures(mixture.weights_, mixture.means_, mixture.precisions_cholesky_,
+                             options["covariance_type"])
 
     def _density_from_moments(self, moments) -> ClassMixtures:
         # one block of classes at a time (bounded temporaries), written to the storage device

@@ -18,6 +18,10 @@ Every place where a detector behaves differently inside
   classes; neither holds more than one batch of hidden states;
 * :func:`calibration_thresholds` is ``calibrate``'s one pass (scores under the true
   classes, batch by batch);
+* :func:`agreed_first_pass` runs the first pass of a fit by EM (several components per
+  class, :func:`idefender_gpu.detector._streamed.fit_states`) and makes the ranks agree on the
+  input shape, the number of classes, the per-class counts and whether the states are held
+  in memory; :func:`stream_thresholds` scores streamed states batch by batch;
 * :func:`write_once` runs a write on rank 0 only (every rank holds the same detector).
 
 :func:`class_thresholds` is the pure per-class quantile.
@@ -37,8 +41,10 @@ from idefender_gpu.detector._moments import ClassMoments, all_reduce_moments, ba
 from idefender_gpu.distributed import current as current_data_parallel
 from idefender_gpu.features import LayerSpec, _batches, _collect
 
-__all__ = ["LabelledStates", "StreamedMoments", "calibration_thresholds", "class_thresholds",
-           "labelled_states", "streamed_moments", "streamed_thresholds", "write_once"]
+__all__ = ["LabelledStates", "StreamedMoments", "agreed_first_pass", "calibration_thresholds", "class_thresholds",
+           "current_rank",
+           "labelled_states", "shape_row", "stream_thresholds", "streamed_moments", "streamed_thresholds",
+           "write_once"]
 
 #: Input dimensions compared across ranks (with the number of elements).
 _SHAPE_DIMS = 6
@@ -440,6 +446,87 @@ def calibration_thresholds(model: nn.Module, loader: Iterable, specs: Sequence[L
     if setting is not None:  # one score and one label per sample: exact order statistics
         scores = setting.gather_rows(scores, "gathering the calibration scores")
         labels = setting.gather_rows(labels, "gathering the calibration labels")
+    return class_thresholds(scores, labels, n_classes, keep)
+
+
+def current_rank() -> tuple[int | None, int | None]:
+    """``(rank, world_size)`` inside ``data_parallel``, ``(None, None)`` in one process."""
+    setting = current_data_parallel()
+    return (None, None) if setting is None else (setting.rank, setting.world_size)
+
+
+def shape_row(n_classes: int, input_shape: tuple[int, ...]) -> list[int]:
+    """The ints the ranks compare (:func:`_check_table`): the number of classes and the input shape."""
+    shape = list(input_shape[:_SHAPE_DIMS]) + [0] * (_SHAPE_DIMS - len(input_shape[:_SHAPE_DIMS]))
+    return [n_classes, len(input_shape), int(torch.Size(input_shape).numel()), *shape]
+
+
+def agreed_first_pass(run: Callable[[], tuple[list[int], bool, Any]],
+                      labels_of: Callable[[Any], tuple[Tensor, int]],
+                      min_per_class: int) -> tuple[Any, bool, list[int], Any]:
+    """The first pass of a fit, in one process or agreed over the ranks.
+
+    Parameters
+    ----------
+    run : callable
+        ``() -> (row, streamed, payload)``: this rank's pass; ``row`` is :func:`shape_row`,
+        ``streamed`` whether its states did not stay in memory.
+    labels_of : callable
+        ``payload -> (labels (N,), n_classes)``.
+    min_per_class : int
+
+    Returns
+    -------
+    payload, streamed, counts, setting
+        ``streamed`` is true if it is on any rank; ``counts`` are the per-class counts of
+        every rank; ``setting`` the data-parallel setting (None in one process).
+
+    Raises
+    ------
+    ValueError
+        For a class with fewer than ``min_per_class`` samples, ranks that disagree on the
+        input shape or the number of classes; inside ``data_parallel`` what ``run`` raises
+        on any rank is raised on every rank.
+    """
+    setting = current_data_parallel()
+    if setting is None:
+        _, streamed, payload = run()
+        labels, n_classes = labels_of(payload)
+        counts = torch.bincount(labels, minlength=n_classes)
+    else:
+        def flagged() -> tuple[list[int], tuple[bool, Any]]:
+            row, flag, out = run()
+            return [int(flag), *row], (flag, out)
+
+        (_, payload), table = setting.exchange(flagged, 4 + _SHAPE_DIMS, "collecting the hidden states to fit")
+        _check_table([row[1:] for row in table])
+        streamed = any(row[0] for row in table)
+        labels, n_classes = labels_of(payload)
+        (counts,) = setting.sum_parts(
+            lambda: [torch.bincount(labels, minlength=n_classes)], [(n_classes,)],
+            torch.int64, labels.device, "counting the samples of each class")
+    counts = counts.tolist()
+    _check_counts(counts, min_per_class, "fit")
+    return payload, streamed, counts, setting
+
+
+def stream_thresholds(batches: Iterable[tuple[dict[str, Tensor], Tensor]],
+                      log_density: Callable[[dict[str, Tensor], Tensor], Tensor], n_classes: int,
+                      keep: float) -> Tensor:
+    """Per-class thresholds from streamed ``(states, labels)`` batches, scored under their
+    true classes; only a score and a label per sample are kept (gathered over the ranks
+    inside ``data_parallel``)."""
+    setting = current_data_parallel()
+    guard = setting.guard("scoring its training data") if setting else nullcontext()
+    scores, labels = [], []
+    with guard, torch.no_grad():
+        for states, y in batches:
+            scores.append(log_density(states, y))  # (B,) under the true classes
+            labels.append(y)
+        scores, labels = torch.cat(scores), torch.cat(labels)
+    if setting is not None:  # one score and one label per sample: exact order statistics
+        scores = setting.gather_rows(scores, "gathering the training scores")
+        labels = setting.gather_rows(labels, "gathering the training labels")
     return class_thresholds(scores, labels, n_classes, keep)
 
 
