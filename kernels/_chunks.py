@@ -91,13 +91,16 @@ def _chunks(n_rows: int, rows: int) -> Iterator[slice]:
 #: Cache bytes assumed where ``/sys/devices/system/cpu/cpu0/cache`` is not readable.
 DEFAULT_CACHE_BYTES = 1 * 2**20
 
-#: Share of :func:`cache_bytes` that one chunk's working set of the fused pass may fill
-#: on CPU (the rest holds the parameters the chunk is multiplied with, and the stack).
-CACHE_SHARE = 0.5
+#: Share of :func:`cache_bytes` that one chunk's working set of the fused pass fills on
+#: CPU. Measured (``benchmarks/chunk_study.py``, 1 thread, loaded 2-core EPYC, 1 MiB L2):
+#: d-diag (K=256, D=16, diag) ran fastest at about 1000 rows (1.2 MB of buffers), 20%
+#: slower at 256 or 4096 rows, 2x slower at 64; the old unfused path took 5.7x as long.
+CACHE_SHARE = 1.0
 
 #: Fewest rows per chunk of the fused pass on CPU by default: below this the GEMMs are
-#: too thin to run near the matmul peak (``benchmarks/chunk_study.py`` measures it).
-MIN_PASS_ROWS = 64
+#: too thin to run near the matmul peak (workload a, full, K=5, D=128, G=10: 128 rows
+#: 25% faster than 64, 2.6x faster than 32; ``benchmarks/chunk_study.py``).
+MIN_PASS_ROWS = 128
 
 _SIZE_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -110,26 +113,32 @@ def _parse_size(text: str) -> int:
     return int(text)
 
 
+def _n_cpus(cpu_list: str) -> int:
+    """Number of CPUs in a sysfs list such as ``'0-3,8'``."""
+    total = 0
+    for part in cpu_list.split(","):
+        first, _, last = part.partition("-")
+        if first:
+            total += int(last or first) - int(first) + 1
+    return max(1, total)
+
+
 @functools.lru_cache(maxsize=None)
 def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """Bytes of the largest cache private to one core (L2 on current x86 and ARM
-    servers), read once from sysfs; a cache shared by several cores counts as its
-    share per core. :data:`DEFAULT_CACHE_BYTES` where sysfs has no answer."""
-    best = 0
+    """Bytes of the largest data cache private to one core (L2 on current x86 and ARM
+    servers), read once from sysfs; where no cache is private, the largest share per
+    core of a shared one; :data:`DEFAULT_CACHE_BYTES` where sysfs has no answer."""
+    private, shares = [], []
     for index in sorted(Path(root).glob("index*")):
         try:
-            kind = (index / "type").read_text().strip()
-            if kind == "Instruction":
+            if (index / "type").read_text().strip() == "Instruction":
                 continue
             size = _parse_size((index / "size").read_text())
-            shared = (index / "shared_cpu_list").read_text().strip()
+            n_sharing = _n_cpus((index / "shared_cpu_list").read_text().strip())
         except (OSError, ValueError):
             continue
-        n_sharing = sum(int(b) - int(a) + 1 if "-" in part else 1
-                        for part in shared.split(",") if part
-                        for a, _, b in [part.partition("-")]) if shared else 1
-        best = max(best, size // max(1, n_sharing))
-    return best or DEFAULT_CACHE_BYTES
+        (private if n_sharing == 1 else shares).append(size // n_sharing)
+    return max(private or shares or [DEFAULT_CACHE_BYTES])
 
 
 def pass_rows(

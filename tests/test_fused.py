@@ -150,10 +150,9 @@ def test_cache_bytes_reads_sysfs_and_falls_back(tmp_path):
     root = _fake_cache(tmp_path / "a", [(1, "Data", "32K", "0"), (1, "Instruction", "32K", "0"),
                                         (2, "Unified", "1024K", "0"),
                                         (3, "Unified", "32768K", "0-3")])
-    # the L3 share per core (32 MiB / 4) is the largest cache a core can count on
-    assert _chunks.cache_bytes(root) == 8 * 2**20
-    root = _fake_cache(tmp_path / "b", [(2, "Unified", "2048K", "0"), (3, "Unified", "1M", "0-15")])
-    assert _chunks.cache_bytes(root) == 2 * 2**20
+    assert _chunks.cache_bytes(root) == 2**20  # the L2, private to the core
+    root = _fake_cache(tmp_path / "b", [(3, "Unified", "32M", "0-3,8-11")])
+    assert _chunks.cache_bytes(root) == 4 * 2**20  # no private cache: the share per core
     assert _chunks.cache_bytes(str(tmp_path / "missing")) == ker.DEFAULT_CACHE_BYTES
 
 
@@ -164,9 +163,9 @@ def test_pass_rows_from_the_cache_and_an_explicit_budget_exactly(monkeypatch):
     expected = int(ker.CACHE_SHARE * 4 * 2**20) // bpr
     assert ker.pass_rows(10**6, bpr, None, "cpu") == expected
     assert ker.pass_rows(100, bpr, None, "cpu") == 100  # never more than N
-    # thin GEMMs are slow: at least MIN_PASS_ROWS rows (2 MiB of cache / 64 KiB: 32 rows)...
-    assert ker.pass_rows(10**6, 2**16, None, "cpu") == ker.MIN_PASS_ROWS
+    # thin GEMMs are slow: at least MIN_PASS_ROWS rows (4 MiB of cache / 40 kB: 104)...
+    assert ker.pass_rows(10**6, 40_000, None, "cpu") == ker.MIN_PASS_ROWS
     # ... but never more than the default memory budget allows
-    assert ker.pass_rows(10**6, 2**22, None, "cpu") == ker.DEFAULT_MEMORY_BUDGET["cpu"] // 2**22
+    assert ker.pass_rows(10**6, 2**20, None, "cpu") == ker.DEFAULT_MEMORY_BUDGET["cpu"] // 2**20
     assert ker.pass_rows(10**6, bpr, 10 * bpr, "cpu") == 10  # an explicit budget, exactly
     assert ker.pass_rows(10**6, bpr, 1, "cpu") == 1
