@@ -191,12 +191,17 @@ def file_tensor(tensors: dict[str, Tensor], name: str, shape: Sequence[int], dty
 
 
 def _all_finite(tensor: Tensor) -> bool:
-    """Whether every value is finite, checked in blocks of rows (no mask of the whole tensor)."""
-    if tensor.ndim == 0 or tensor.numel() == 0:
-        return bool(torch.isfinite(tensor).all())
+    """Whether every value is finite: the minimum and maximum of each block of rows (NaN
+    propagates through both), so no mask or copy the size of the tensor is made."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor
     step = max(1, _files.BLOCK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
-    return all(bool(torch.isfinite(tensor[start:start + step]).all())
-               for start in range(0, tensor.shape[0], step))
+    for start in range(0, tensor.shape[0], step):
+        low, high = torch.aminmax(tensor[start:start + step])
+        if not bool(torch.isfinite(torch.stack([low, high])).all()):
+            return False
+    return True
 
 
 def detector_record(header: DetectorHeader, thresholds: Tensor,
