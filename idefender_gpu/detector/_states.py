@@ -4,12 +4,9 @@ Every place where a detector behaves differently inside
 :func:`idefender_gpu.distributed.data_parallel` is here, so ``fit``, ``calibrate`` and
 ``save`` read the same in one process and on many ranks:
 
-* :func:`labelled_states` runs a labelled loader through the model once and checks it
-  (labels in range, enough samples of every class). Inside ``data_parallel`` the loader is
-  this rank's shard: an error on any rank is raised on every rank, the ranks must agree on
-  the per-sample input shape and the number of classes, and the per-class counts are those
-  of all ranks. It returns a :class:`LabelledStates`;
-* :meth:`LabelledStates.thresholds` scores the states under their true classes and turns
+* :class:`LabelledStates` are the checked hidden states of a labelled loader, held in
+  memory (what :func:`idefender_gpu.detector._streamed.fit_states` returns when they fit
+  the budget); :meth:`LabelledStates.thresholds` scores the states under their true classes and turns
   the scores into per-class thresholds (paper Eq. 5); inside ``data_parallel`` over the
   scores of every rank (exact per-class order statistics);
 * :func:`streamed_moments` and :func:`streamed_thresholds` are the one-pass fit's two
@@ -19,9 +16,11 @@ Every place where a detector behaves differently inside
 * :func:`calibration_thresholds` is ``calibrate``'s one pass (scores under the true
   classes, batch by batch);
 * :func:`agreed_first_pass` runs the first pass of a fit by EM (several components per
-  class, :func:`idefender_gpu.detector._streamed.fit_states`) and makes the ranks agree on the
-  input shape, the number of classes, the per-class counts and whether the states are held
-  in memory; :func:`stream_thresholds` scores streamed states batch by batch;
+  class, :func:`idefender_gpu.detector._streamed.fit_states`). Inside ``data_parallel`` the
+  loader is this rank's shard: an error on any rank is raised on every rank, the ranks must
+  agree on the per-sample input shape and the number of classes (and agree whether the
+  states are held in memory), and the per-class counts are those of all ranks;
+  :func:`stream_thresholds` scores streamed states batch by batch;
 * :func:`write_once` runs a write on rank 0 only (every rank holds the same detector).
 
 :func:`class_thresholds` is the pure per-class quantile.
@@ -29,7 +28,6 @@ Every place where a detector behaves differently inside
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -39,12 +37,11 @@ from torch import Tensor, nn
 
 from idefender_gpu.detector._moments import ClassMoments, all_reduce_moments, batch_moments, merge_moments
 from idefender_gpu.distributed import current as current_data_parallel
-from idefender_gpu.features import LayerSpec, _batches, _collect
+from idefender_gpu.features import LayerSpec, _batches
 
 __all__ = ["LabelledStates", "StreamedMoments", "agreed_first_pass", "calibration_thresholds", "class_thresholds",
-           "current_rank",
-           "labelled_states", "shape_row", "stream_thresholds", "streamed_moments", "streamed_thresholds",
-           "write_once"]
+           "current_rank", "shape_row", "stream_thresholds", "streamed_moments",
+           "streamed_thresholds", "write_once"]
 
 #: Input dimensions compared across ranks (with the number of elements).
 _SHAPE_DIMS = 6
@@ -110,10 +107,6 @@ class LabelledStates:
     what: str
     setting: Any = None
 
-    def cast(self, dtype: torch.dtype) -> "LabelledStates":
-        """The same states in ``dtype``."""
-        return dataclasses.replace(self, states={spec: h.to(dtype) for spec, h in self.states.items()})
-
     def thresholds(self, log_density: Callable[[dict[str, Tensor]], Tensor], keep: float) -> Tensor:
         """Per-class thresholds keeping ``keep`` of the states' scores under their true classes.
 
@@ -138,93 +131,6 @@ class LabelledStates:
             scores = setting.gather_rows(scores, "gathering the training scores")
             labels = setting.gather_rows(labels, "gathering the training labels")
         return class_thresholds(scores, labels, self.n_classes, keep)
-
-
-def _check_collected(collected: Any, n_classes: int | None, what: str) -> tuple[list[int], int]:
-    """``(row exchanged across ranks, n_classes)`` of one rank's collected states."""
-    if collected.labels is None:
-        raise ValueError(f"loader must yield (inputs, labels) pairs to {what} a detector; got inputs only")
-    if n_classes is None:
-        if collected.n_outputs is None:
-            raise ValueError(
-                "model must return logits of shape (B, n_classes) to be guarded by a detector; "
-                "got another output"
-            )
-        n_classes = collected.n_outputs
-    low, high = (int(v) for v in torch.aminmax(collected.labels))
-    if low < 0 or high >= n_classes:
-        raise ValueError(
-            f"loader labels must be class labels in [0, n_classes) = [0, {n_classes}) (n_classes "
-            f"is the width of the model's output); got label {low if low < 0 else high}"
-        )
-    shape = list(collected.input_shape[:_SHAPE_DIMS])
-    shape += [0] * (_SHAPE_DIMS - len(shape))
-    numel = int(torch.Size(collected.input_shape).numel())
-    return [n_classes, len(collected.input_shape), numel, *shape], n_classes
-
-
-def labelled_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *, what: str,
-                    n_classes: int | None = None, min_per_class: int = 1, progress: bool | None = None,
-                    owner: str = "detector", data_parallel: bool = True) -> LabelledStates:
-    """Run a labelled loader through ``model`` once; its checked hidden states.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    loader : iterable of (x, y)
-        Inside ``data_parallel``, this rank's shard.
-    specs : sequence of LayerSpec
-    what : {'fit', 'calibrate'}
-    n_classes : int, optional
-        The number of classes; default the width of the model's output.
-    min_per_class : int, default=1
-        Samples every class needs (over all ranks).
-    progress : bool, optional
-    owner : str
-        The detector's class name (messages).
-    data_parallel : bool, default=True
-        Whether ``what`` works inside ``data_parallel``; if not, it raises there before
-        reading any data.
-
-    Returns
-    -------
-    LabelledStates
-
-    Raises
-    ------
-    ValueError
-        For an unlabelled loader, labels outside ``[0, n_classes)``, a model whose output is
-        not ``(B, n_classes)``, a class with fewer than ``min_per_class`` samples, or ranks
-        that disagree on the input shape or the number of classes.
-    NotImplementedError
-        Inside ``data_parallel`` when ``data_parallel`` is False.
-    """
-    setting = current_data_parallel()
-    if setting is not None and not data_parallel:
-        raise NotImplementedError(
-            f"{owner}.{what} is not data-parallel yet: {what} it in one process, "
-            "outside idefender_gpu.distributed.data_parallel"
-        )
-
-    def collect() -> tuple[list[int], tuple[Any, int]]:
-        collected = _collect(model, loader, specs, progress=progress, desc=f"{what}: hidden states")
-        row, n_out = _check_collected(collected, n_classes, what)
-        return row, (collected, n_out)
-
-    if setting is None:
-        collected, n_classes = collect()[1]
-        counts = torch.bincount(collected.labels, minlength=n_classes)
-    else:
-        (collected, n_classes), table = setting.exchange(collect, 3 + _SHAPE_DIMS,
-                                                         f"collecting the hidden states to {what}")
-        _check_table(table)
-        (counts,) = setting.sum_parts(
-            lambda: [torch.bincount(collected.labels, minlength=n_classes)], [(n_classes,)],
-            torch.int64, collected.labels.device, "counting the samples of each class")
-    counts = counts.tolist()
-    _check_counts(counts, min_per_class, what)
-    return LabelledStates(collected.states, collected.labels, n_classes, collected.input_shape,
-                          counts, what, setting)
 
 
 def _check_counts(counts: list[int], min_per_class: int, what: str) -> None:
@@ -291,7 +197,8 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
     Parameters
     ----------
     model, loader, specs
-        As :func:`labelled_states`; ``loader`` must be re-iterable (checked first).
+        The model, a labelled loader (inside ``data_parallel``, this rank's shard) and the
+        layer specs; ``loader`` must be re-iterable (checked first).
     resolve_dtype : callable
         ``first hidden state -> compute dtype``.
     diagonal, higher, pooled : bool
@@ -300,14 +207,18 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
     memory_budget : int, optional
         Bytes for the ``(D, D)`` products of one block of a batch's class tiles.
     min_per_class, progress, owner
-        As :func:`labelled_states`.
+        Samples every class needs (over all ranks), the progress bar, the detector's
+        class name (messages).
 
     Raises
     ------
     TypeError
-        For a one-shot iterator (before reading), or what :func:`labelled_states` raises.
+        For a one-shot iterator (before reading), non-integer labels, batches that are not
+        ``(x, y)`` pairs.
     ValueError
-        As :func:`labelled_states`.
+        For an unlabelled loader, labels outside ``[0, n_classes)``, a model whose output is
+        not ``(B, n_classes)``, a class with fewer than ``min_per_class`` samples, or ranks
+        that disagree on the input shape or the number of classes.
     """
     _check_reiterable(loader, owner)
     setting = current_data_parallel()
@@ -401,7 +312,7 @@ def calibration_thresholds(model: nn.Module, loader: Iterable, specs: Sequence[L
     """One pass over a labelled loader, scoring each batch under its true classes; the
     per-class thresholds. Only the scores and labels ``(N,)`` are kept (any iterable works).
 
-    Checks as :func:`labelled_states` with ``what='calibrate'`` (labels in range, every
+    Checks as the fit does (labels in range, every
     class present over all ranks, the ranks agreeing on the input shape), and that the
     inputs have the per-sample ``input_shape`` the detector was fitted on (before
     scoring). Inside ``data_parallel`` the scores of every rank are gathered.

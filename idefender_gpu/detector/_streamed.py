@@ -248,8 +248,10 @@ def fit_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *
 
     Parameters
     ----------
-    model, loader, specs
-        As :func:`~._states.labelled_states`.
+    model : torch.nn.Module
+    loader : iterable of (x, y)
+        Inside ``data_parallel``, this rank's shard.
+    specs : sequence of LayerSpec
     resolve_dtype : callable
         ``hidden state -> compute dtype`` (applied to the first batch's first layer; the
         cache's dtype is predicted from the model's parameters' dtype, and must be the same).
@@ -258,8 +260,11 @@ def fit_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *
         memory; None: :func:`default_state_budget` of the model's device.
     cache : str, os.PathLike or None
         The cache folder (a subfolder per rank inside ``data_parallel``).
-    min_per_class, progress, owner
-        As :func:`~._states.labelled_states`.
+    min_per_class : int
+        Samples every class needs (over all ranks).
+    progress : bool, optional
+    owner : str
+        The detector's class name (messages).
 
     Returns
     -------
@@ -270,9 +275,11 @@ def fit_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *
     Raises
     ------
     ValueError
-        As :func:`~._states.labelled_states`; a cache written for another model, layer set,
-        dtype or loader, or with a corrupted shard; a loader that differs from the batches
-        a resumed cache holds.
+        For an unlabelled loader, labels outside ``[0, n_classes)``, a model whose output
+        is not ``(B, n_classes)``, a class with fewer than ``min_per_class`` samples, ranks
+        that disagree on the input shape or the number of classes; a cache written for
+        another model, layer set, dtype or loader, or with a corrupted shard; a loader that
+        differs from the batches a resumed cache holds.
     TypeError
         A one-shot iterator whose states do not fit the budget, without a cache (the model
         would have to run on it again).
