@@ -423,3 +423,38 @@ def test_save_and_load_hold_one_copy(tmp_path):
     assert record["load"] < 1.3 * params, record
     assert record["bytes_save"] > 0.9 * params, record
     assert record["old_read"] > 1.7 * params, record
+
+
+# --------------------------------------------------------------------------------------
+# CUDA (skipped without one; benchmarks/gpu_check.sh runs the gpu marker)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda"])  # the gpu marker (conftest)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["k1-full", "k2-full", "maha-predicted"])
+def test_pinned_host_storage_beside_a_cuda_model(name, device, data, tmp_path):
+    """Host storage pinned beside a CUDA model: the same numbers as the detector on CUDA,
+    gradients included, and every way of loading the file back."""
+    (x, y), (xt, yt) = data
+    detectors = []
+    for storage in (None, "cpu"):
+        detector = DETECTORS[name](dtype="float64", progress=False, storage_device=storage)
+        detector.model.to(device)
+        detectors.append(detector.fit(loader(x, y)))
+    plain, stored = detectors
+    assert all(d.means.device.type == "cpu" and d.means.is_pinned() for d in stored._densities.values())
+    assert stored.thresholds_.device.type == "cuda"
+    xq, classes = xt.to(device), torch.stack([yt, (yt + 1) % C], 1).to(device)
+    expected = _scores(plain, xq, classes)
+    for key, value in _scores(stored, xq, classes).items():
+        torch.testing.assert_close(value, expected[key], **CLOSE, msg=key)
+    torch.testing.assert_close(_gradient(stored, xq, classes), _gradient(plain, xq, classes), **CLOSE)
+    path = tmp_path / "d.safetensors"
+    stored.save(path)
+    for kwargs in ({}, {"storage_device": "cpu"}, {"storage_device": "cpu", "mmap": True}):
+        loaded = type(stored).load(path, plain.model, **kwargs)
+        density = next(iter(loaded._densities.values()))
+        assert density.means.device.type == ("cpu" if kwargs else "cuda")
+        assert density.means.is_pinned() == (kwargs == {"storage_device": "cpu"})
+        torch.testing.assert_close(loaded.score(xq), expected["score"], **CLOSE)
