@@ -124,10 +124,12 @@ def test_every_option_has_help_and_the_default_out_is_shown():
 
 
 def test_workload_choices_are_the_workloads():
-    from idefender_gpu.bench.cli import WORKLOAD_CHOICES
+    from idefender_gpu.bench.cli import DETECTOR_WORKLOAD_CHOICES, WORKLOAD_CHOICES
+    from idefender_gpu.bench.detector_workloads import DETECTOR_WORKLOADS
     from idefender_gpu.bench.workloads import WORKLOADS
 
-    assert WORKLOAD_CHOICES == (*WORKLOADS, "all")
+    assert WORKLOAD_CHOICES == (*WORKLOADS, "all", *DETECTOR_WORKLOADS)
+    assert DETECTOR_WORKLOAD_CHOICES == tuple(DETECTOR_WORKLOADS)
 
 
 def test_bad_option_values_are_rejected(capsys):
@@ -349,12 +351,14 @@ def test_gpu_check_script_parses_and_its_dry_run_lists_every_step(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("[dry-run] timeout")]
-    assert len(lines) == 5, done.stdout
+    assert len(lines) == 6, done.stdout
     assert "pytest" in lines[0] and ("-m gpu" in lines[0] or "-k cuda" in lines[0])
-    for line, workload in zip(lines[1:], ("a", "b", "d-full", "c1")):
+    for line, workload in zip(lines[1:], ("a", "b", "d-full", "c1", "imagenet-cpu")):
         assert f"--workload {workload} " in line and "--device cuda" in line, line
         assert f"--out {tmp_path / 'gc'} " in line and "benchmarks/results" not in line
     assert "--scale 0.1 --groups 100" in lines[4]
+    # the steps' limits fit the 8 minutes of the check
+    assert sum(int(line.split()[2].rstrip("s")) for line in lines) <= 480
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
 
 

@@ -17,6 +17,8 @@ where installed) from the same data and, except torchgmm, the same explicit init
 Modules, in import order (each imports only those before it): :mod:`.workloads` (shapes,
 FLOP counts, synthetic data), :mod:`.timing` (clocks, matmul probe, machine),
 :mod:`.references` (the implementations), :mod:`.run` (one workload run, JSON record),
+:mod:`.detector_workloads` (IDefender's streamed fit and scoring at ImageNet scale, and the
+detector's overhead over the classifier's forward; imports only :mod:`.timing` of these),
 :mod:`.report` (markdown tables; imports nothing of the harness), :mod:`.cli` (the
 subcommand). Importing this package writes no environment variable: scikit-learn's array-API
 mode needs ``SCIPY_ARRAY_API=1`` before SciPy is imported, which the command sets (restarting
@@ -30,10 +32,13 @@ from idefender_gpu._lazy import lazy_exports
 _LAZY = {
     **dict.fromkeys(("REFERENCES", "TORCHGMM_INSTALL", "reference_memory_estimate",
                      "reference_skip"), "idefender_gpu.bench.references"),
-    **dict.fromkeys(("backend_row", "format_backend_table", "format_distributed_table",
+    **dict.fromkeys(("backend_row", "format_backend_table", "format_detector_table",
+                     "format_distributed_table",
                      "format_records", "format_summary", "format_table",
                      "format_workload_table", "load_records"), "idefender_gpu.bench.report"),
     "run_workload": "idefender_gpu.bench.run",
+    **dict.fromkeys(("DETECTOR_WORKLOADS", "DetectorWorkload", "run_detector_workload",
+                     "scaled_detector_workload"), "idefender_gpu.bench.detector_workloads"),
     **dict.fromkeys(("available_memory_bytes", "machine_info", "matmul_probe", "matmul_rate",
                      "sync"), "idefender_gpu.bench.timing"),
     **dict.fromkeys(("FLOP_FORMULAS", "WORKLOADS", "Workload", "em_data", "em_data_torch",
@@ -46,6 +51,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [
+    "DETECTOR_WORKLOADS",
+    "DetectorWorkload",
     "FLOP_FORMULAS",
     "REFERENCES",
     "TORCHGMM_INSTALL",
@@ -57,6 +64,7 @@ __all__ = [
     "em_data_torch",
     "flops_per_iteration",
     "format_backend_table",
+    "format_detector_table",
     "format_distributed_table",
     "format_records",
     "format_summary",
@@ -69,7 +77,9 @@ __all__ = [
     "precisions_init",
     "reference_memory_estimate",
     "reference_skip",
+    "run_detector_workload",
     "run_workload",
+    "scaled_detector_workload",
     "scaled_workload",
     "sync",
 ]

@@ -28,11 +28,16 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["COMMITTED_RESULTS", "WORKLOAD_CHOICES", "default_out", "environment_updates",
-           "register"]
+__all__ = ["COMMITTED_RESULTS", "DETECTOR_WORKLOAD_CHOICES", "WORKLOAD_CHOICES", "default_out",
+           "environment_updates", "register"]
 
-#: ``--workload`` choices: the names of :data:`idefender_gpu.bench.WORKLOADS` and ``all``.
-WORKLOAD_CHOICES = ("a", "b", "c1", "c2", "d-diag", "d-full", "all")
+#: ``--workload`` choices: the EM workloads (:data:`idefender_gpu.bench.WORKLOADS`), ``all``
+#: of those, and the detector workloads (:data:`DETECTOR_WORKLOAD_CHOICES`).
+WORKLOAD_CHOICES = ("a", "b", "c1", "c2", "d-diag", "d-full", "all", "imagenet-cpu", "imagenet-width",
+                    "detector-overhead")
+
+#: The detector workloads (:data:`idefender_gpu.bench.detector_workloads.DETECTOR_WORKLOADS`).
+DETECTOR_WORKLOAD_CHOICES = ("imagenet-cpu", "imagenet-width", "detector-overhead")
 
 #: The committed results (README's tables): written only when ``--out`` names them.
 COMMITTED_RESULTS = Path("benchmarks") / "results"
@@ -88,11 +93,26 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--workload", choices=WORKLOAD_CHOICES, default="a",
         help="named workload of idefender_gpu.bench.WORKLOADS (a: 60000x128, G=10, K=5, full; "
              "b: 50000x512, G=10, K=3; c1/c2: ImageNet-sized, GPU only; d-diag/d-full: "
-             "1000000x16, K=256), or all of them (default %(default)s)")
-    add("--n", type=_positive_int, default=None, help="samples N (default: the workload's)")
+             "1000000x16, K=256), all of those; or a detector workload (imagenet-cpu: "
+             "IDefender's streamed fit on 1281167x1024 synthetic states, 1000 classes; "
+             "imagenet-width: 128000x4096, 100 classes, empirical and Ledoit-Wolf; "
+             "detector-overhead: score(x) against model(x) for Model F and VGG19) "
+             "(default %(default)s)")
+    add("--n", type=_positive_int, default=None,
+        help="samples N (detector workloads: training states; default: the workload's)")
     add("--d", type=_positive_int, default=None, help="features D (default: the workload's)")
     add("--groups", type=_positive_int, default=None,
-        help="independent mixtures G (default: the workload's)")
+        help="independent mixtures G (detector workloads: classes; default: the workload's)")
+    add("--n-test", type=_positive_int, default=None,
+        help="detector workloads: held-out states scored (default: the workload's)")
+    add("--batch-size", type=_positive_int, default=None,
+        help="detector workloads: states per loader batch (default: the workload's)")
+    add("--order", choices=("sorted", "shuffled", "both"), default="sorted",
+        help="detector fit workloads: batches sorted by class (as ImageFolder yields them), "
+             "shuffled, or both variants (default %(default)s)")
+    add("--estimators", default=None,
+        help="detector fit workloads: comma-separated covariance estimators (empirical, "
+             "ledoit-wolf, oas; default: the workload's)")
     add("--k", type=_positive_int, default=None,
         help="components K per mixture (default: the workload's)")
     add("--scale", type=_positive_float, default=None,
@@ -107,7 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add("--max-iter", type=_positive_int, default=100, help="max_iter of the fit to convergence (default %(default)s)")
     add("--limit-min", type=_positive_float, default=10.0,
         help="minutes one implementation may spend per phase (timing, fit) before that phase "
-             "is shortened or skipped with its estimate (default %(default)s)")
+             "is shortened or skipped with its estimate; detector fit workloads: the time "
+             "limit of each variant's process (default %(default)s)")
     add("--device", default=None, help="torch device of our fits and the array-API reference "
                                        "(default: cuda if available, else cpu)")
     add("--seed", type=int, default=0, help="seed of the synthetic data and initialisation (default %(default)s)")
@@ -243,6 +264,32 @@ def _table(folder: Path) -> int:
     return 0
 
 
+def _detector_workload(args: argparse.Namespace, out: Path) -> int:
+    from idefender_gpu.bench.detector_workloads import (
+        DETECTOR_WORKLOADS,
+        run_detector_workload,
+        scaled_detector_workload,
+    )
+    from idefender_gpu.bench.report import format_records
+
+    workload = scaled_detector_workload(
+        DETECTOR_WORKLOADS[args.workload], n_train=args.n, n_test=args.n_test, n_features=args.d,
+        n_classes=args.groups, batch_size=args.batch_size, scale=args.scale)
+    orders = ("sorted", "shuffled") if args.order == "both" else (args.order,)
+    estimators = None
+    if args.estimators:
+        estimators = tuple(e.strip() for e in args.estimators.split(",") if e.strip())
+    record = run_detector_workload(workload, device=args.device, seed=args.seed, orders=orders,
+                                   estimators=estimators, limit_minutes=args.limit_min)
+    device = record["machine"]["device"].replace(":", "")
+    path = out / f"detector_{args.workload}_{device}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"workload {args.workload}: {record['wall_seconds']:.0f} s")
+    print(f"wrote {path}")
+    print(format_records([record]))
+    return 0
+
+
 def _workloads(args: argparse.Namespace) -> int:
     from idefender_gpu.bench.report import format_records
     from idefender_gpu.bench.run import run_workload
@@ -252,6 +299,8 @@ def _workloads(args: argparse.Namespace) -> int:
     logging.getLogger("idefender_gpu.bench").setLevel(logging.INFO)
     out = _fresh(default_out()) if args.out is None else args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.workload in DETECTOR_WORKLOAD_CHOICES:
+        return _detector_workload(args, out)
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     records = []
     for name in names:

@@ -1,7 +1,8 @@
 """Markdown tables of benchmark records (README's benchmark tables are made here).
 
 :func:`format_records` renders every kind of record: named workloads (``em_workload``,
-:func:`~idefender_gpu.bench.run.run_workload`), backend grids (``em_backends``,
+:func:`~idefender_gpu.bench.run.run_workload`), detector workloads (``detector_workload``,
+:func:`~idefender_gpu.bench.detector_workloads.run_detector_workload`), backend grids (``em_backends``,
 ``benchmarks/bench_backends.py``) and the fixed-iteration records of earlier versions
 (``em_full_fixed_iterations``). :func:`load_records` reads a folder of them. Imports nothing
 of the harness.
@@ -17,6 +18,7 @@ __all__ = [
     "RECORD_PATTERNS",
     "backend_row",
     "format_backend_table",
+    "format_detector_table",
     "format_distributed_table",
     "format_records",
     "format_summary",
@@ -26,7 +28,8 @@ __all__ = [
 ]
 
 #: The JSON files of a results folder that :func:`load_records` reads, in table order.
-RECORD_PATTERNS = ("em_*.json", "workload_*.json", "backends_*.json", "distributed_*.json")
+RECORD_PATTERNS = ("em_*.json", "workload_*.json", "detector_*.json", "backends_*.json",
+                   "distributed_*.json")
 
 
 def load_records(folder: str | Path) -> list[dict[str, Any]]:
@@ -117,6 +120,96 @@ def format_workload_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _where(machine: dict[str, Any]) -> str:
+    return machine.get("gpu") or f"{machine['cpu']} ({machine['torch_threads']} threads)"
+
+
+def _phase_cell(phase: dict[str, Any] | None, rate: float | None) -> str:
+    """``seconds (GFLOP/s, % of the matmul rate)`` of one phase of a detector fit."""
+    if not phase:
+        return ""
+    text = f"{phase['seconds']:.1f}"
+    if phase.get("gflops"):
+        text += f" ({phase['gflops']:.0f} GFLOP/s"
+        text += f", {100 * phase['gflops'] / rate:.0f}%)" if rate else ")"
+    return text
+
+
+def format_detector_table(records: list[dict[str, Any]]) -> str:
+    """Markdown tables of detector workloads (``detector_workload``,
+    :func:`~idefender_gpu.bench.detector_workloads.run_detector_workload`): one row per fit
+    variant (seconds per phase, peak RSS, quality), or per model of detector-overhead."""
+    fits = [r for r in records if r["workload"]["kind"] == "fit"]
+    overheads = [r for r in records if r["workload"]["kind"] != "fit"]
+    parts = []
+    if fits:
+        lines = [
+            "| workload | machine | order / covariance | moments pass s | parameters s | thresholds pass s "
+            "| scoring s | total s (data generation) | peak RSS | finite | natural reject | wrong-class AUC |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for record in fits:
+            w = record["workload"]
+            shape = (f"{w['name']}: {w['n_train']}x{w['n_features']}, {w['n_classes']} classes, "
+                     f"{w['n_test']} held out, batch {w['batch_size']}")
+            rate = record.get("matmul_probe", {}).get("gflops")
+            for name, r in record["results"].items():
+                if "error" in r:
+                    lines.append(f"| {shape} | {_where(record['machine'])} | {name} | {r['error'][:200]} "
+                                 "| | | | | | | | |")
+                    continue
+                p, q = r["phases"], r["quality"]
+                generation = sum(phase.get("data_generation_seconds", 0.0) for phase in p.values())
+                auc = f"{q['auc_wrong_class']:.4f}" if "auc_wrong_class" in q else ""
+                lines.append(
+                    f"| {shape} | {_where(record['machine'])} | {name} | {_phase_cell(p.get('moments_pass'), rate)} "
+                    f"| {_phase_cell(p.get('parameters'), rate)} | {_phase_cell(p.get('thresholds_pass'), rate)} "
+                    f"| {_phase_cell(p.get('scoring'), rate)} | {r['total_seconds']:.1f} ({generation:.1f}) "
+                    f"| {_bytes(r.get('peak_rss_bytes'))} | {'yes' if r['all_finite'] else 'NO'} "
+                    f"| {100 * q['natural_reject_rate']:.1f}% | {auc} |")
+        parts.append("\n".join(lines))
+    if overheads:
+        lines = ["| workload | machine | model | batch | model(x) s | detector.score(x) s | overhead |",
+                 "|---|---|---|---:|---:|---:|---:|"]
+        for record in overheads:
+            for name, r in record["results"].items():
+                if "forward_seconds" not in r:
+                    reason = r.get("skipped") or r.get("error", "")
+                    lines.append(f"| {record['workload']['name']} | {_where(record['machine'])} | {name} "
+                                 f"| {reason[:200]} | | | |")
+                    continue
+                lines.append(
+                    f"| {record['workload']['name']} | {_where(record['machine'])} | {name} "
+                    f"({r['n_features']} features, {r['n_classes']} classes) | {r['batch']} "
+                    f"| {r['forward_seconds']:.4f} | {r['score_seconds']:.4f} "
+                    f"| {100 * r['overhead_fraction']:.1f}% |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _detector_summary(record: dict[str, Any]) -> list[str]:
+    """One line per variant (or model) of a detector record (the GPU check's summary)."""
+    w = record["workload"]
+    head = f"{w['name']} ({w['n_train']}x{w['n_features']}, {w['n_classes']} classes)"
+    lines = []
+    for name, r in record["results"].items():
+        if "total_seconds" in r:
+            p = r["phases"]
+            lines.append(f"{head} {name}: {r['total_seconds']:.1f} s (moments {p['moments_pass']['seconds']:.1f}, "
+                         f"parameters {p['parameters']['seconds']:.1f}, thresholds "
+                         f"{p['thresholds_pass']['seconds']:.1f}, scoring {p['scoring']['seconds']:.1f}), "
+                         f"peak RSS {_bytes(r.get('peak_rss_bytes'))}"
+                         + (f", device peak {_bytes(r['cuda_max_memory_allocated_bytes'])}"
+                            if "cuda_max_memory_allocated_bytes" in r else "")
+                         + f", finite: {r['all_finite']}")
+        elif "forward_seconds" in r:
+            lines.append(f"{head} {name}: score {r['score_seconds']:.4f} s, forward {r['forward_seconds']:.4f} s, "
+                         f"overhead {100 * r['overhead_fraction']:.1f}%")
+        else:
+            lines.append(f"{head} {name}: {r.get('skipped') or r.get('error', '')}")
+    return lines
+
+
 def _backend_cell(entry: dict[str, Any]) -> str:
     if "sec_per_iter" not in entry:
         return "error"
@@ -172,8 +265,8 @@ def format_distributed_table(record: dict[str, Any]) -> str:
 
 def format_records(records: list[dict[str, Any]]) -> str:
     """Every kind of benchmark record as markdown: the fixed-iteration table
-    (:func:`format_table`), the named workloads, the backend grids and the data-parallel
-    runs."""
+    (:func:`format_table`), the named workloads, the detector workloads, the backend grids
+    and the data-parallel runs."""
     parts = []
     legacy = [r for r in records if r.get("benchmark") == "em_full_fixed_iterations"]
     workloads = [r for r in records if r.get("benchmark") == "em_workload"]
@@ -181,6 +274,9 @@ def format_records(records: list[dict[str, Any]]) -> str:
         parts.append(format_table(legacy))
     if workloads:
         parts.append(format_workload_table(workloads))
+    detectors = [r for r in records if r.get("benchmark") == "detector_workload"]
+    if detectors:
+        parts.append(format_detector_table(detectors))
     parts += [format_backend_table(r) for r in records if r.get("benchmark") == "em_backends"]
     parts += [format_distributed_table(r) for r in records
               if str(r.get("benchmark", "")).startswith("data-parallel EM")]
@@ -193,6 +289,9 @@ def format_summary(records: list[dict[str, Any]]) -> str:
     TF32), the fit to tol, or why it was skipped."""
     lines = []
     for record in records:
+        if record.get("benchmark") == "detector_workload":
+            lines += _detector_summary(record)
+            continue
         if record.get("benchmark") != "em_workload":
             continue
         w = record["workload"]

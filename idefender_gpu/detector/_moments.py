@@ -40,7 +40,7 @@ from idefender_gpu import kernels
 from idefender_gpu.detector._densities import class_tiles
 
 __all__ = ["COVARIANCE_ESTIMATORS", "ClassMoments", "all_reduce_moments", "batch_moments",
-           "gaussian_parameters", "merge_moments", "shrunk_covariances"]
+           "gaussian_parameters", "merge_moments", "shrinkage_coefficients", "shrunk_covariances"]
 
 #: ``covariance_estimator`` values of IDefender
 COVARIANCE_ESTIMATORS = ("empirical", "ledoit-wolf", "oas")
@@ -65,6 +65,11 @@ class ClassMoments:
     classes : Tensor of int64, shape (C,), or None
         The classes the rows are (a batch's moments cover the classes present in it
         only, in increasing order); None: every class, in order (running totals).
+    reusable : bool
+        Whether :func:`gaussian_parameters` may write the factors into the storage of
+        ``scatter`` (running totals made by :func:`merge_moments` or
+        :func:`all_reduce_moments`, which belong to the fit): then the fit holds one
+        ``(C, D, D)`` buffer, not two, and ``scatter`` is spent.
     """
 
     counts: Tensor
@@ -74,6 +79,7 @@ class ClassMoments:
     fourth: Tensor | None = None
     pooled: bool = False
     classes: Tensor | None = None
+    reusable: bool = False
 
     @property
     def diagonal(self) -> bool:
@@ -140,7 +146,7 @@ def _zeros_like_totals(part: ClassMoments, n_classes: int) -> ClassMoments:
         return t.new_zeros(t.shape) if pooled_field else t.new_zeros(n_classes, *t.shape[1:])
 
     return ClassMoments(full(part.counts), full(part.means), full(part.scatter, part.pooled),
-                        full(part.third), full(part.fourth), part.pooled)
+                        full(part.third), full(part.fourth), part.pooled, reusable=True)
 
 
 def _trace(scatter: Tensor) -> Tensor:
@@ -152,18 +158,24 @@ def _times(scatter: Tensor, d: Tensor) -> Tensor:
     return scatter * d if scatter.ndim == 2 else (scatter @ d.unsqueeze(-1)).squeeze(-1)
 
 
+def _shift_higher(n: Tensor, third: Tensor, fourth: Tensor, trace: Tensor, sd: Tensor,
+                  d: Tensor) -> tuple[Tensor, Tensor]:
+    """The third and fourth moments about the mean minus ``d (C, D)``, from the counts
+    ``n``, ``tr(S)`` and ``S d`` (the formulas of the module docstring)."""
+    d2 = d.square().sum(-1)  # (C,)
+    shifted_third = third + trace.unsqueeze(1) * d + 2 * sd + (n * d2).unsqueeze(1) * d
+    shifted_fourth = (fourth + 4 * (d * sd).sum(-1) + 4 * (d * third).sum(-1) + 2 * d2 * trace
+                      + n * d2.square())
+    return shifted_third, shifted_fourth
+
+
 def _shifted(m: ClassMoments, d: Tensor) -> ClassMoments:
     """``m``'s centred moments about its mean minus ``d (C, D)`` (its count and scatter
     correction are the caller's); the third and fourth moments per the module docstring."""
     if m.third is None:
         return m
-    trace = _trace(m.scatter)  # (C,)
-    sd = _times(m.scatter, d)  # (C, D)
-    d2 = d.square().sum(-1)  # (C,)
-    n = m.counts
-    third = m.third + trace.unsqueeze(1) * d + 2 * sd + (n * d2).unsqueeze(1) * d
-    fourth = (m.fourth + 4 * (d * sd).sum(-1) + 4 * (d * m.third).sum(-1) + 2 * d2 * trace
-              + n * d2.square())
+    third, fourth = _shift_higher(m.counts, m.third, m.fourth, _trace(m.scatter),
+                                  _times(m.scatter, d), d)
     return replace(m, third=third, fourth=fourth)
 
 
@@ -171,12 +183,80 @@ def _outer(a: Tensor, b: Tensor, diagonal: bool) -> Tensor:
     return a * b if diagonal else a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
-def merge_moments(total: ClassMoments | None, part: ClassMoments, n_classes: int) -> ClassMoments:
+def _row_blocks(n_rows: int, bytes_per_row: int, memory_budget: int | None,
+                device: torch.device) -> list[slice]:
+    """Blocks of rows (classes) whose ``bytes_per_row`` temporaries fit ``memory_budget``
+    (the device's default budget when None; at least one row per block)."""
+    budget = kernels.default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    step = max(1, budget // max(1, bytes_per_row))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _matrix_bytes(scatter: Tensor) -> int:
+    """Bytes of one class's ``(D, D)`` matrix of ``scatter (C, D, D)``."""
+    return scatter.shape[-1] ** 2 * scatter.element_size()
+
+
+def _rows_trace_times(scatter: Tensor, rows: Tensor, d: Tensor,
+                      memory_budget: int | None = None) -> tuple[Tensor, Tensor]:
+    """``tr(S_c)`` and ``S_c d_c`` for the classes ``rows (P,)`` of a full ``scatter
+    (C, D, D)``, gathering blocks of classes (never a ``(P, D, D)`` copy): ``(P,)``, ``(P, D)``."""
+    trace, times = d.new_empty(d.shape[0]), d.new_empty(d.shape)
+    for block in _row_blocks(rows.shape[0], _matrix_bytes(scatter), memory_budget, scatter.device):
+        gathered = scatter[rows[block]]  # (Pb, D, D)
+        trace[block], times[block] = _trace(gathered), _times(gathered, d[block])
+    return trace, times
+
+
+def merge_moments(total: ClassMoments | None, part: ClassMoments, n_classes: int,
+                  memory_budget: int | None = None) -> ClassMoments:
     """Chan et al.'s pairwise merge of a batch's ``part`` into ``total`` (in place; zeros for
-    ``n_classes`` classes when None), for the classes in ``part`` only."""
+    ``n_classes`` classes when None), for the classes in ``part`` only.
+
+    A full ``(C, D, D)`` scatter is updated in place, in blocks of the present classes whose
+    ``(D, D)`` temporaries fit ``memory_budget`` (a batch of a shuffled loader touches almost
+    every class: no ``(P, D, D)`` copy of the totals), adding ``S_b`` and then the
+    correction ``δ δᵀ n_a n_b / n``, in the order of the formula.
+    """
     if total is None:
         total = _zeros_like_totals(part, n_classes)
     present = part.classes  # only the classes of this batch move
+    if total.pooled or total.diagonal:
+        return _merge_small(total, part, present)
+    b = part
+    a_counts, a_means = total.counts[present], total.means[present]  # (P,), (P, D)
+    n = a_counts + b.counts
+    frac = (b.counts / n).unsqueeze(1)  # (P, 1), n >= 1 here
+    delta = b.means - a_means  # (P, D)
+    means = a_means + delta * frac
+    weight = (a_counts * b.counts / n).unsqueeze(1)  # (P, 1)
+    third = fourth = None
+    if total.third is not None:  # from the scatter of a before it is updated
+        d_a, d_b = a_means - means, b.means - means
+        trace_a, sd_a = _rows_trace_times(total.scatter, present, d_a, memory_budget)  # (P,), (P, D)
+        third_a, fourth_a = _shift_higher(a_counts, total.third[present], total.fourth[present],
+                                          trace_a, sd_a, d_a)
+        third_b, fourth_b = _shift_higher(b.counts, b.third, b.fourth, _trace(b.scatter),
+                                          _times(b.scatter, d_b), d_b)
+        third, fourth = third_a + third_b, fourth_a + fourth_b
+    C, D = total.means.shape
+    flat = total.scatter.view(C, D * D)  # 2-D index_add_: the 3-D one is slow on CPU
+    for block in _row_blocks(present.shape[0], 2 * _matrix_bytes(b.scatter), memory_budget,
+                             b.scatter.device):
+        rows = present[block]
+        flat.index_add_(0, rows, b.scatter[block].reshape(-1, D * D))  # S_a + S_b
+        correction = _outer(delta[block], delta[block], False) * weight[block].unsqueeze(2)
+        flat.index_add_(0, rows, correction.reshape(-1, D * D))  # + δ δᵀ n_a n_b / n
+    for old, new in ((total.counts, n), (total.means, means), (total.third, third),
+                     (total.fourth, fourth)):
+        if old is not None:
+            old.view(old.shape[0], -1).index_copy_(0, present, new.reshape(new.shape[0], -1))
+    return total
+
+
+def _merge_small(total: ClassMoments, part: ClassMoments, present: Tensor) -> ClassMoments:
+    """:func:`merge_moments` for a pooled ``(D, D)`` or a diagonal ``(C, D)`` scatter (the
+    copies of the present classes' moments are small)."""
     a, b = total.take(present), part
     n = a.counts + b.counts
     frac = (b.counts / n).unsqueeze(1)  # (P, 1), n >= 1 here
@@ -186,9 +266,7 @@ def merge_moments(total: ClassMoments | None, part: ClassMoments, n_classes: int
     if a.pooled:
         scatter = a.scatter + b.scatter + (delta * weight).mT @ delta  # (D, D)
     else:
-        if not a.diagonal:
-            weight = weight.unsqueeze(2)
-        scatter = a.scatter + b.scatter + _outer(delta, delta, a.diagonal) * weight
+        scatter = a.scatter + b.scatter + _outer(delta, delta, True) * weight
     third = fourth = None
     if a.third is not None:
         sa, sb = _shifted(a, a.means - means), _shifted(b, b.means - means)
@@ -229,21 +307,21 @@ def all_reduce_moments(setting: Any, m: ClassMoments, what: str) -> ClassMoments
 
     shapes = [tuple(m.scatter.shape)] + ([(C, D), (C,)] if m.third is not None else [])
     parts = setting.sum_parts(shifted, shapes, dtype, device, f"{what} (centred moments)")
-    return ClassMoments(counts, means, *parts, pooled=m.pooled)
+    return ClassMoments(counts, means, *parts, pooled=m.pooled, reusable=True)
 
 
-def shrunk_covariances(m: ClassMoments, estimator: str) -> Tensor:
-    """Per-class shrunk covariances ``(C, D, D)`` (``(1 - s) Σ̂ + s tr(Σ̂)/D · I``).
-
-    ``Σ̂ = S / n`` is the maximum-likelihood covariance; the shrinkage ``s`` is
-    scikit-learn's: Ledoit-Wolf (``ledoit_wolf_shrinkage``, from ``Σ̂``, ``n`` and the
-    fourth moment ``F``) or OAS (from ``Σ̂`` and ``n``). With one feature ``s = 0``.
-    """
+def shrinkage_coefficients(m: ClassMoments, estimator: str,
+                           memory_budget: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per class, the shrinkage ``s (C,)`` and the target scale ``tr(Σ̂)/D (C,)`` of
+    :func:`shrunk_covariances`, read from a full scatter in blocks of classes (no
+    ``(C, D, D)`` temporary)."""
     n = m.counts  # (C,)
-    D = m.means.shape[1]
-    emp = m.scatter / n[:, None, None]  # (C, D, D)
-    mu = _trace(emp) / D  # (C,)
-    frob2 = emp.square().sum((-2, -1))  # (C,) ‖Σ̂‖_F²
+    C, D = m.means.shape
+    mu, frob2 = n.new_empty(C), n.new_empty(C)  # (C,) tr(Σ̂)/D and ‖Σ̂‖_F²
+    for block in _row_blocks(C, 2 * _matrix_bytes(m.scatter), memory_budget, m.scatter.device):
+        emp = m.scatter[block] / n[block, None, None]  # (Cb, D, D) Σ̂
+        mu[block] = _trace(emp) / D
+        frob2[block] = emp.square().sum((-2, -1))
     if estimator == "ledoit-wolf":
         beta = (m.fourth / n - frob2) / (D * n)
         delta = (frob2 - D * mu.square()) / D
@@ -258,19 +336,60 @@ def shrunk_covariances(m: ClassMoments, estimator: str) -> Tensor:
         raise ValueError(f"covariance_estimator must be one of {COVARIANCE_ESTIMATORS}; got {estimator!r}")
     if D == 1:
         shrinkage = torch.zeros_like(shrinkage)
-    s = shrinkage[:, None, None]
-    eye = torch.eye(D, dtype=emp.dtype, device=emp.device)
-    return (1 - s) * emp + s * mu[:, None, None] * eye
+    return shrinkage, mu
+
+
+def _shrink_block(scatter: Tensor, n: Tensor, shrinkage: Tensor, mu: Tensor) -> Tensor:
+    """``(1 - s) S / n + s μ I`` of a block of classes: ``(Cb, D, D)``, a new tensor."""
+    out = (scatter / n[:, None, None]).mul_((1 - shrinkage)[:, None, None])  # (Cb, D, D)
+    out.diagonal(dim1=-2, dim2=-1).add_((shrinkage * mu)[:, None])
+    return out
+
+
+def shrunk_covariances(m: ClassMoments, estimator: str) -> Tensor:
+    """Per-class shrunk covariances ``(C, D, D)`` (``(1 - s) Σ̂ + s tr(Σ̂)/D · I``).
+
+    ``Σ̂ = S / n`` is the maximum-likelihood covariance; the shrinkage ``s`` is
+    scikit-learn's: Ledoit-Wolf (``ledoit_wolf_shrinkage``, from ``Σ̂``, ``n`` and the
+    fourth moment ``F``) or OAS (from ``Σ̂`` and ``n``). With one feature ``s = 0``.
+    """
+    shrinkage, mu = shrinkage_coefficients(m, estimator)
+    return _shrink_block(m.scatter, m.counts, shrinkage, mu)
 
 
 def gaussian_parameters(m: ClassMoments, covariance_type: str, reg_covar: float,
-                        estimator: str = "empirical") -> tuple[Tensor, Tensor, Tensor]:
+                        estimator: str = "empirical", *, out: Tensor | None = None,
+                        memory_budget: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(weights (C, 1), means (C, 1, D), prec_chol)`` of one Gaussian per class.
 
     'empirical' finishes the statistics as the mixture's M-step does
-    (:func:`idefender_gpu.kernels.statistics_to_parameters`: counts floored by ``10 eps``);
-    a shrinkage estimator ('full' / 'tied' only) shrinks ``S / n`` first. ``reg_covar`` is
-    added to the diagonal after shrinkage.
+    (:func:`idefender_gpu.kernels.statistics_to_parameters`: counts floored by ``10 eps``,
+    the same numbers); a shrinkage estimator ('full' / 'tied' only) shrinks ``S / n``
+    first. ``reg_covar`` is added to the diagonal after shrinkage.
+
+    Full and tied factors are made in blocks of classes whose ``(D, D)`` temporaries (the
+    covariance, its Cholesky factor, the factor's inverse) fit ``memory_budget`` (the
+    device's default when None): at 1000 classes of 1024 features the ``(C, D, D)`` result
+    (4.2 GB in float32) is the only full-size allocation, and there is none when the
+    factors overwrite the scatter (``out``).
+
+    Parameters
+    ----------
+    m : ClassMoments
+        Merged totals (every class, in order).
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    reg_covar : float
+    estimator : {'empirical', 'ledoit-wolf', 'oas'}
+    out : Tensor, optional
+        Where the full / tied factors are written, block by block: ``(C, 1, D, D)`` for
+        'full', ``(C, D, D)`` for 'tied', any device (a storage device) and the factors'
+        dtype. It may be ``m.scatter`` itself (viewed as ``(C, 1, D, D)`` for 'full'): the
+        scatter of each block is read before its factor overwrites it, so the fit then
+        needs no second ``(C, D, D)`` buffer, and ``m.scatter`` is spent (whether or not
+        this raises). Default: ``m.scatter`` when ``m.reusable`` (running totals), else a
+        new tensor. Ignored for 'diag' / 'spherical'.
+    memory_budget : int, optional
+        Bytes for one block's temporaries.
 
     Raises
     ------
@@ -279,17 +398,34 @@ def gaussian_parameters(m: ClassMoments, covariance_type: str, reg_covar: float,
     """
     C, D = m.means.shape
     centres = m.means.unsqueeze(1)  # (C, 1, D)
-    if estimator == "empirical":
-        second = m.scatter.unsqueeze(1) if covariance_type != "tied" else m.scatter
-        nk, means, covariances = kernels.statistics_to_parameters(
-            m.counts.unsqueeze(1), torch.zeros_like(centres), second, centres, reg_covar, covariance_type)
-    else:
-        shrunk = shrunk_covariances(m, estimator)  # (C, D, D)
-        shrunk = shrunk + reg_covar * torch.eye(D, dtype=shrunk.dtype, device=shrunk.device)
-        means = centres
-        nk = m.counts.unsqueeze(1) + 10 * torch.finfo(m.counts.dtype).eps
-        covariances = shrunk.unsqueeze(1) if covariance_type == "full" else shrunk
-    prec_chol, info = kernels.compute_prec_chol(covariances, covariance_type)
-    kernels.check_cholesky_info(info, covariance_type, m.means.dtype)
+    nk = m.counts.unsqueeze(1) + 10 * torch.finfo(m.counts.dtype).eps  # (C, 1)
     weights = nk / nk.sum(1, keepdim=True)  # (C, 1): ones
-    return weights, means, prec_chol
+    if covariance_type in ("diag", "spherical"):  # (C, D) moments: no blocks needed
+        nk, means, covariances = kernels.statistics_to_parameters(
+            m.counts.unsqueeze(1), torch.zeros_like(centres), m.scatter.unsqueeze(1), centres,
+            reg_covar, covariance_type)
+        prec_chol, info = kernels.compute_prec_chol(covariances, covariance_type)
+        kernels.check_cholesky_info(info, covariance_type, m.means.dtype)
+        return weights, means, prec_chol
+    shape = (C, 1, D, D) if covariance_type == "full" else (C, D, D)
+    if out is None:
+        out = m.scatter.view(shape) if m.reusable else m.scatter.new_empty(shape)
+    elif tuple(out.shape) != shape:
+        out = out.view(shape)  # m.scatter (C, D, D) as the (C, 1, D, D) of 'full'
+    shrink = None if estimator == "empirical" else shrinkage_coefficients(m, estimator, memory_budget)
+    infos = []
+    for block in _row_blocks(C, 3 * _matrix_bytes(m.scatter), memory_budget, m.scatter.device):
+        if shrink is None:
+            # statistics_to_parameters' full covariance S / nk - δ δᵀ with δ = 0 / nk = 0
+            cov = m.scatter[block] / nk[block, :, None]  # (Cb, D, D)
+        else:
+            cov = _shrink_block(m.scatter[block], m.counts[block], shrink[0][block], shrink[1][block])
+        cov.diagonal(dim1=-2, dim2=-1).add_(reg_covar)
+        if covariance_type == "full":
+            cov = cov.unsqueeze(1)  # (Cb, 1, D, D)
+        factor, info = kernels.compute_prec_chol(cov, covariance_type)
+        del cov
+        out[block].copy_(factor)
+        infos.append(info)
+    kernels.check_cholesky_info(torch.cat(infos), covariance_type, m.means.dtype)
+    return weights, centres, out
