@@ -554,8 +554,8 @@ def statistics_to_parameters(
     """``(nk, means, covariances)`` from totals of :func:`shifted_statistics`.
 
     ``nk = counts + 10 eps``; ``δ = first / nk``; ``means = centres + δ``; full
-    ``Σ_k = second_k / nk - δ_k δ_kᵀ + reg`` (diag: the diagonal; spherical: its mean over
-    features); tied ``Σ = (second - Σ_k nk (μ_k - c̄)(μ_k - c̄)ᵀ) / Σ_k nk + reg``.
+    ``Σ_k = second_k / nk - δ_k δ_kᵀ + reg`` (diag: the diagonal, floored at 0 before
+    ``reg``; spherical: its mean over features); tied ``Σ = (second - Σ_k nk (μ_k - c̄)(μ_k - c̄)ᵀ) / Σ_k nk + reg``.
     """
     nk = counts + 10 * torch.finfo(counts.dtype).eps  # (G, K)
     delta = first / nk.unsqueeze(-1)  # (G, K, D)
@@ -564,7 +564,9 @@ def statistics_to_parameters(
         cov = second / nk[..., None, None] - delta.unsqueeze(-1) * delta.unsqueeze(-2)
         return nk, means, _add_to_diagonal(cov, reg_covar)
     if covariance_type in ("diag", "spherical"):
-        var = second / nk.unsqueeze(-1) - delta.square() + reg_covar  # (G, K, D)
+        # floored at 0 before reg_covar, as _covariances_diag: a fused pass re-centres
+        # its diag moments from sums about c̄, which can round a tiny variance below 0
+        var = (second / nk.unsqueeze(-1) - delta.square()).clamp_min_(0).add_(reg_covar)
         return nk, means, var if covariance_type == "diag" else var.mean(-1)
     mu = means - centres.mean(-2, keepdim=True)  # (G, K, D)
     cov = (second - (mu * nk.unsqueeze(-1)).mT @ mu) / nk.sum(-1)[:, None, None]

@@ -31,6 +31,8 @@ Runs without autograd (in-place work on buffers). No host synchronisation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -222,12 +224,17 @@ def em_pass(
         rows = pass_rows(N, bytes_per_row, memory_budget, X.device)
     rows = max(1, min(int(rows), max(N, 1)))
     state = _Pass(X, log_weights, means, prec_chol, covariance_type, rows)
+    # exp() whose result is subnormal (or underflows) runs 25-70x slower on CPU, and
+    # subnormal responsibilities slow the GEMMs: exponents are floored where
+    # exp(floor) / K is still a normal number (a responsibility < 1e-34 in float32,
+    # < 1e-300 in float64, instead of a smaller one or 0)
+    floor = math.log(torch.finfo(X.dtype).tiny) + math.log(max(K, 1)) + 1.0
     log_lik = X.new_zeros(G)
     for sl in _chunks(N, rows):
         log_prob = state.maha(X[:, sl])  # (G, c, K)
         log_prob.mul_(-0.5).add_(state.bias)  # weighted log-densities
         top = log_prob.amax(-1, keepdim=True)  # (G, c, 1)
-        resp = log_prob.sub_(top).exp_()  # (G, c, K), unnormalised
+        resp = log_prob.sub_(top).clamp_min_(floor).exp_()  # (G, c, K), unnormalised
         total = resp.sum(-1, keepdim=True)  # (G, c, 1)
         resp.div_(total)
         norm = top.add_(total.log_()).squeeze(-1)  # (G, c): log p(x)

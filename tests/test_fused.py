@@ -169,3 +169,16 @@ def test_pass_rows_from_the_cache_and_an_explicit_budget_exactly(monkeypatch):
     assert ker.pass_rows(10**6, 2**20, None, "cpu") == ker.DEFAULT_MEMORY_BUDGET["cpu"] // 2**20
     assert ker.pass_rows(10**6, bpr, 10 * bpr, "cpu") == 10  # an explicit budget, exactly
     assert ker.pass_rows(10**6, bpr, 1, "cpu") == 1
+
+
+@pytest.mark.parametrize("covariance_type", ("diag", "spherical"))
+def test_statistics_to_parameters_floors_a_variance_rounded_below_zero(covariance_type):
+    """The fused pass re-centres diag moments from sums about the centre of the means: a
+    variance that should be 0 can come out as -1e-9; it is floored at 0 before reg_covar,
+    as the unfused M-step does (``_covariances_diag``)."""
+    counts = torch.ones(1, 1, dtype=torch.float64)
+    first = torch.ones(1, 1, 2, dtype=torch.float64)
+    second = torch.full((1, 1, 2), 1 - 1e-9, dtype=torch.float64)
+    centres = torch.zeros(1, 1, 2, dtype=torch.float64)
+    _, _, var = ker.statistics_to_parameters(counts, first, second, centres, 1e-6, covariance_type)
+    assert bool((var >= 1e-6).all())
