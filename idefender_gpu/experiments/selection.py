@@ -104,6 +104,9 @@ class SelectConfig:
         (as in ``reproduce blackbox``).
     test : bool
         Also run the test-set report of the chosen setting beside the default's.
+    test_variants : tuple of DetectorVariant
+        The settings refitted on the whole training set and scored on the test images
+        beside the chosen one (default: the default setting and both shrinkage estimators).
     """
 
     dataset: str = "fashion-mnist"
@@ -118,6 +121,7 @@ class SelectConfig:
     holdout: int = 150
     n_holdout: int = 1000
     test: bool = True
+    test_variants: tuple[DetectorVariant, ...] = (DEFAULT, *SHRINKAGE)
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     progress: bool | None = None
     download: bool = False
@@ -142,6 +146,8 @@ class SelectConfig:
         "holdout": [Interval(Integral, 1, None)],
         "n_holdout": [Interval(Integral, 0, None)],
         "test": ["boolean"],
+        "test_variants": [Predicate(lambda v: isinstance(v, (tuple, list))
+                                    and all(isinstance(a, DetectorVariant) for a in v), "a tuple of DetectorVariant")],
     }
 
     @property
@@ -154,7 +160,7 @@ class SelectConfig:
         validate_params(type(self).__name__, vars(self), self._parameter_constraints)
         device = check_device(self.device)
         model = build_model("F", len(DATASETS[self.dataset].classes))
-        for variant in self.candidates:
+        for variant in (*self.candidates, *self.test_variants):
             parse_layers(model, list(variant.layers))
         if self.n_train is not None and self.n_validation >= self.n_train:
             raise ValueError(f"n_validation (--n-validation) must be smaller than n_train (--n-train); got "
@@ -167,6 +173,7 @@ class SelectConfig:
     def to_json(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         out["candidates"] = [_variant_json(v) for v in self.candidates]
+        out["test_variants"] = [_variant_json(v) for v in self.test_variants]
         out["data"], out["cache"], out["device"] = display_path(self.data), display_path(self.cache), str(self.device)
         return out
 
@@ -282,7 +289,8 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
     if config.test:
         chosen_variant = DetectorVariant(tuple(chosen["layers"]), chosen["n_components"], chosen["covariance_type"],
                                          chosen["reg_covar"], chosen["max_iter"], chosen["covariance_estimator"])
-        ablation = tuple(dict.fromkeys((DEFAULT, chosen_variant, *SHRINKAGE)))  # unique, in this order
+        variants = config.test_variants
+        ablation = tuple(dict.fromkeys((*variants[:1], chosen_variant, *variants[1:])))  # unique, in this order
         test_config = BlackboxConfig(
             dataset=config.dataset, data=config.data, seed=config.seed, epochs=chosen["epochs"],
             n_train=config.n_train, n_test=config.n_test, device=config.device, progress=progress,
