@@ -245,3 +245,28 @@ def test_factors_of_running_totals_need_no_second_copy_of_the_parameters():
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     assert peaks["reused"] < 0.25 * peaks["scatter"], peaks
     assert peaks["new"] > 0.9 * peaks["scatter"], peaks
+
+
+@pytest.mark.parametrize("rows", [1, 3, None])
+def test_moment_accumulator_equals_the_moments_of_all_states(rows):
+    """Class buckets (a shuffled loader's batches touch every class) then merges: the
+    moments of all the states at once, to round-off (float64, third and fourth moments too)."""
+    from idefender_gpu.detector._moments import MomentAccumulator, batch_moments, merge_moments
+
+    g = torch.Generator().manual_seed(3)
+    C, D = 7, 5
+    y = torch.randint(0, C, (600,), generator=g)
+    x = 2 * torch.randn(600, D, generator=g, dtype=torch.float64) + 30 + torch.randn(C, D, generator=g,
+                                                                                 dtype=torch.float64)[y]
+    expected = merge_moments(None, batch_moments(x, y, C, diagonal=False, higher=True), C)
+    acc = MomentAccumulator(C, diagonal=False, higher=True, rows=rows)
+    start = 0
+    for size in (1, 5, 90, 0, 3, 250, 251):
+        acc.add(x[start:start + size], y[start:start + size])
+        start += size
+    got = acc.result()
+    assert got.reusable and got.classes is None
+    for a, b in zip(got._fields(), expected._fields()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="no states"):
+        MomentAccumulator(C, diagonal=False, higher=False).result()

@@ -39,7 +39,7 @@ from torch import Tensor
 from idefender_gpu import kernels
 from idefender_gpu.detector._densities import class_tiles
 
-__all__ = ["COVARIANCE_ESTIMATORS", "ClassMoments", "all_reduce_moments", "batch_moments",
+__all__ = ["COVARIANCE_ESTIMATORS", "ClassMoments", "MomentAccumulator", "all_reduce_moments", "batch_moments",
            "gaussian_parameters", "merge_moments", "shrinkage_coefficients", "shrunk_covariances"]
 
 #: ``covariance_estimator`` values of IDefender
@@ -278,6 +278,80 @@ def _merge_small(total: ClassMoments, part: ClassMoments, present: Tensor) -> Cl
         elif old is not None:  # in place (the totals belong to the fit), through 2-D views
             old.view(old.shape[0], -1).index_copy_(0, present, new.reshape(new.shape[0], -1))
     return total
+
+
+class MomentAccumulator:
+    """The running per-class moments of a stream of ``(h (N, D), labels (N,))`` batches.
+
+    ``add`` then ``result()`` is ``merge_moments(total, batch_moments(h, labels, ...))`` over
+    the batches, to round-off. With full scatters each class's states are first gathered in
+    a bucket of ``rows`` rows (``(C, rows, D)``, about ``rows / D`` of the parameters' size)
+    and merged once the bucket (with the batch's rows of that class) holds ``rows`` or more:
+    every merge then costs a ``(D, D)`` update for at least ``rows`` states. A shuffled
+    loader's batch touches almost every class (a batch of 4096 among 1000 classes: 4 rows a
+    class), where merging each batch would cost ``C D²`` per batch for ``B D²`` of
+    products; a sorted batch (``ImageFolder`` order) goes straight through. Diagonal and
+    pooled scatters are merged batch by batch (their merges cost ``C D`` or ``D²``).
+    """
+
+    def __init__(self, n_classes: int, *, diagonal: bool, higher: bool, pooled: bool = False,
+                 memory_budget: int | None = None, rows: int | None = None) -> None:
+        self.n_classes, self.diagonal, self.higher, self.pooled = n_classes, diagonal, higher, pooled
+        self.memory_budget, self.rows = memory_budget, rows
+        self.total: ClassMoments | None = None
+        self._bucket: Tensor | None = None  # (C, rows, D)
+        self._fill: Tensor | None = None  # (C,) rows held per class
+
+    def _merge(self, h: Tensor, labels: Tensor) -> None:
+        part = batch_moments(h, labels, self.n_classes, diagonal=self.diagonal, higher=self.higher,
+                             pooled=self.pooled, memory_budget=self.memory_budget)
+        self.total = merge_moments(self.total, part, self.n_classes, self.memory_budget)
+
+    def add(self, h: Tensor, labels: Tensor) -> None:
+        """Take one batch ``h (N, D)``, ``labels (N,)`` (int64 in ``[0, n_classes)``)."""
+        if labels.numel() == 0:
+            return
+        if self.diagonal or self.pooled:
+            self._merge(h, labels)
+            return
+        C, D = self.n_classes, h.shape[1]
+        if self._bucket is None:
+            rows = self.rows if self.rows is not None else min(64, max(1, D // 4))
+            self._bucket = h.new_empty(C, rows, D)
+            self._fill = torch.zeros(C, dtype=torch.int64, device=h.device)
+        bucket, fill, rows = self._bucket, self._fill, self._bucket.shape[1]
+        counts = torch.bincount(labels, minlength=C)  # (C,)
+        ready = (fill + counts) >= rows  # (C,) merged now: the bucket and this batch's rows
+        go = ready[labels]  # (N,)
+        held = ready & (fill > 0)  # (C,)
+        if bool(go.any()):
+            slots = torch.arange(rows, device=h.device) < fill.unsqueeze(1)  # (C, rows) rows in use
+            slots &= held.unsqueeze(1)
+            cls = torch.arange(C, device=h.device).unsqueeze(1).expand(C, rows)[slots]  # (n,)
+            self._merge(torch.cat([bucket[slots], h[go]]), torch.cat([cls, labels[go]]))
+            fill[ready] = 0
+        keep = ~go
+        if bool(keep.any()):  # the other rows join their class's bucket
+            kept = labels[keep]  # (M,)
+            order = torch.argsort(kept, stable=True)
+            start = torch.cumsum(counts * ~ready, 0) - counts * ~ready  # (C,) first kept row per class
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.shape[0], device=h.device) - start[kept[order]]
+            bucket[kept, fill[kept] + rank] = h[keep]
+            fill += counts * ~ready
+
+    def result(self) -> ClassMoments:
+        """The moments of every batch added (the buckets merged first); running totals."""
+        if self._bucket is not None and bool((self._fill > 0).any()):
+            C, rows = self._bucket.shape[:2]
+            slots = torch.arange(rows, device=self._fill.device) < self._fill.unsqueeze(1)  # (C, rows)
+            cls = torch.arange(C, device=self._fill.device).unsqueeze(1).expand(C, rows)[slots]
+            self._merge(self._bucket[slots], cls)
+            self._fill.zero_()
+        if self.total is None:
+            raise ValueError("no states were added")
+        self._bucket = None
+        return self.total
 
 
 def all_reduce_moments(setting: Any, m: ClassMoments, what: str) -> ClassMoments:
