@@ -7,8 +7,8 @@
   through :func:`idefender_gpu.detector._densities.fetch`, and scores, thresholds,
   ``calibrate``, ``log_density`` (all classes and subsets) and gradients equal the plain
   detector's in float64 to round-off, also with blocks forced by a tiny ``memory_budget``.
-* The one-component fit computes its parameters one block of classes at a time
-  (``ClassMixtures.from_class_blocks``): the blocks give the one-call result.
+* The one-component fit writes its factors to the storage device block by block
+  (``gaussian_parameters(out=...)``): with blocks of a few classes, the plain fit's numbers.
 * Files are written and read block by block (tiny ``_files.BLOCK_BYTES`` here): the bytes
   do not depend on the block size, safetensors reads them, the old layout (safetensors'
   own writer, the frozen digest) still loads, a memory-mapped load scores the same, and
@@ -175,36 +175,15 @@ def test_blocks_of_classes_move_only_what_a_batch_needs(pair, data, monkeypatch)
     torch.testing.assert_close(stored.predict(xq), expected["predict"], rtol=0, atol=0)
 
 
-def test_one_component_parameters_in_class_blocks_equal_one_call(data):
-    """``from_class_blocks``: blocks of one or two classes, written to a storage device,
-    give the one-call tensors."""
-    from idefender_gpu.detector._moments import batch_moments, gaussian_parameters
-
-    (x, y), _ = data
-    moments = batch_moments(x, y, C, diagonal=False, higher=False)
-
-    def parameters(block):
-        return gaussian_parameters(moments.take(block), "full", 1e-4)
-
-    whole = _densities.ClassMixtures.from_class_blocks(parameters, C, D, "full", dtype=torch.float64,
-                                                       device=torch.device("cpu"))
-    assert not whole.stored
-    per_class = 4 * D * D * 8
-    for budget in (per_class, 2 * per_class + 1):
-        blocks = _densities.ClassMixtures.from_class_blocks(
-            parameters, C, D, "full", dtype=torch.float64, device=torch.device("cpu"), memory_budget=budget,
-            storage=torch.device("cpu"))
-        assert blocks.stored
-        for field in ("weights", "means", "prec_chol"):
-            torch.testing.assert_close(getattr(blocks, field), getattr(whole, field), rtol=1e-14, atol=1e-14)
-
-
-def test_streamed_fit_with_a_tiny_budget_equals_the_plain_fit(data):
-    """The K=1 fit with blocks of classes (tiny memory_budget) on the storage device."""
+@pytest.mark.parametrize("name", ["k1-full", "k1-oas", "k1-diag"])
+def test_streamed_fit_with_a_tiny_budget_equals_the_plain_fit(name, data):
+    """The K=1 fit with blocks of three classes (tiny memory_budget: three (D, D)
+    temporaries per class) written to the storage device; shrunk and diagonal too."""
     (x, y), (xt, _) = data
-    plain = DETECTORS["k1-full"](dtype="float64", progress=False).fit(loader(x, y))
-    blocked = DETECTORS["k1-full"](dtype="float64", progress=False, storage_device="cpu",
-                                   memory_budget=4 * D * D * 8 * 3).fit(loader(x, y))
+    plain = DETECTORS[name](dtype="float64", progress=False).fit(loader(x, y))
+    blocked = DETECTORS[name](dtype="float64", progress=False, storage_device="cpu",
+                              memory_budget=3 * D * D * 8 * 3).fit(loader(x, y))
+    assert all(d.stored for d in blocked._densities.values())
     layer = plain.layers_[0]
     torch.testing.assert_close(blocked.precisions_cholesky_[layer], plain.precisions_cholesky_[layer], **CLOSE)
     torch.testing.assert_close(blocked.thresholds_, plain.thresholds_, **CLOSE)

@@ -33,15 +33,13 @@ of classes (``log_prob``), or the distinct classes of each block of tiles
 (:func:`fetch`; from pinned memory through a pinned block, asynchronously), so the
 compute device holds one block of parameters at a time. The numbers are those of the
 unmoved density; gradients flow to ``h`` as before (the parameters are constants).
-:meth:`ClassMixtures.from_class_blocks` builds the fitted tensors the same way, one block
-of classes at a time, written to the storage device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -234,35 +232,6 @@ class ClassMixtures:
         # G = max(label) + 1 = n_classes: the caller checked that every class has samples.
         mixture = BatchedGaussianMixture(**options).fit(H, labels)
         return cls(mixture.weights_, mixture.means_, mixture.precisions_cholesky_, options["covariance_type"])
-
-    @classmethod
-    def from_class_blocks(cls, parameters: Callable[[slice], tuple[Tensor, Tensor, Tensor]], n_classes: int,
-                          n_features: int, covariance_type: str, *, dtype: torch.dtype, device: torch.device,
-                          memory_budget: int | None = None, storage: torch.device | None = None,
-                          pin: bool = False) -> "ClassMixtures":
-        """The fitted tensors computed one block of classes at a time.
-
-        ``parameters(block)`` returns ``(weights, means, prec_chol)`` of the classes of
-        ``block`` (a slice), computed on ``device``; blocks are sized so that about four
-        ``(D, D)`` temporaries per class fit ``memory_budget``, and each block's result is
-        copied into one tensor per field on ``storage`` (pinned when ``pin``; None: on
-        ``device``). With one block and no storage device, the one call's result as is.
-        """
-        D = n_features
-        per_class = 4 * (D * D if covariance_type in ("full", "tied") else D) * dtype.itemsize
-        blocks = _class_blocks(n_classes, per_class, memory_budget, device)
-        if len(blocks) == 1 and storage is None:
-            return cls(*parameters(slice(None)), covariance_type)
-        target = device if storage is None else storage
-        out = None
-        for block in blocks:
-            parts = parameters(block)
-            if out is None:
-                out = [torch.empty((n_classes, *part.shape[1:]), dtype=part.dtype, device=target,
-                                   pin_memory=pin) for part in parts]
-            for field, part in zip(out, parts):
-                field[block].copy_(part)
-        return cls(*out, covariance_type, stored=storage is not None)
 
     def stored_on(self, device: torch.device, pin: bool = False) -> "ClassMixtures":
         """This density with its tensors kept on the storage ``device`` (see ``stored``)."""

@@ -252,14 +252,18 @@ class IDefender(_DetectorBase):
                              options["covariance_type"])
 
     def _density_from_moments(self, moments) -> ClassMixtures:
-        # one block of classes at a time (bounded temporaries), written to the storage device
+        # The factors are made in blocks of classes; with a storage device each block is
+        # written there (pinned beside CUDA), else over the spent scatter (no second buffer).
         storage, pin = self._storage()
-        C, D = moments.means.shape
-        return ClassMixtures.from_class_blocks(
-            lambda block: gaussian_parameters(moments.take(block), self.covariance_type, float(self.reg_covar),
-                                              self.covariance_estimator),
-            C, D, self.covariance_type, dtype=moments.means.dtype, device=moments.means.device,
-            memory_budget=self.memory_budget, storage=storage, pin=pin)
+        out = None
+        if storage is not None and self.covariance_type in ("full", "tied"):
+            C, D = moments.means.shape
+            shape = (C, 1, D, D) if self.covariance_type == "full" else (C, D, D)
+            out = torch.empty(shape, dtype=moments.means.dtype, device=storage, pin_memory=pin)
+        params = gaussian_parameters(moments, self.covariance_type, float(self.reg_covar),
+                                     self.covariance_estimator, out=out, memory_budget=self.memory_budget)
+        density = ClassMixtures(*params, self.covariance_type)
+        return density if storage is None else density.stored_on(storage, pin)
 
     def _fit_options(self, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
         return {
