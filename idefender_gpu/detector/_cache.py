@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 __all__ = ["SHARD_BYTES", "StateCache", "model_digest", "rank_folder"]
@@ -234,17 +234,26 @@ class StateCache:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        n_layers = len(self._buffer[0][0])
-        tensors = {f"states.{i}": torch.cat([states[i] for states, _ in self._buffer]).contiguous()
-                   for i in range(n_layers)}
-        tensors["labels"] = torch.cat([labels for _, labels in self._buffer]).contiguous()
-        sizes = [int(labels.shape[0]) for _, labels in self._buffer]
-        data = safetensors_bytes(tensors, metadata={"format": FORMAT})
+        buffer, self._buffer, self._buffered = self._buffer, [], 0
+        sizes = [int(labels.shape[0]) for _, labels in buffer]
+        tensors = {"labels": torch.cat([labels for _, labels in buffer])}
+        for i in range(len(buffer[0][0])):  # one layer at a time: the buffer's parts go as they are joined
+            tensors[f"states.{i}"] = torch.cat([states[i] for states, _ in buffer])
+            for states, _ in buffer:
+                states[i] = None
+        del buffer
         name = f"shard-{len(self.shards):06d}.safetensors"
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.folder / name, data)
-        self.shards.append({"file": name, "sha256": hashlib.sha256(data).hexdigest(), "batches": sizes})
-        self._buffer, self._buffered = [], 0
+        path = self.folder / name
+        tmp = path.with_name(f"{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:  # written from the tensors (no bytes copy), hashed from the file, then renamed
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            sha256 = _file_sha256(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.shards.append({"file": name, "sha256": sha256, "batches": sizes})
         self._write_manifest()
 
     def _write_manifest(self) -> None:

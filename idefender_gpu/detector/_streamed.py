@@ -126,7 +126,8 @@ class StreamedStates:
                 raise ValueError(
                     "loader must yield the same batches in the same order on every pass of the fit "
                     "(without a cache, the model runs on the loader again for every EM pass); batch "
-                    f"{i} differs from the first pass"
+                    f"{i} differs from the first pass (a DataLoader with shuffle=True reorders every "
+                    "pass: use shuffle=False, or give cache=DIR)"
                 )
             count += 1
             yield {name: h.to(self.dtype) for name, h in batch.states.items()}, self.labels[i]
