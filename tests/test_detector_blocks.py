@@ -240,6 +240,9 @@ def test_memory_mapped_detector_survives_a_save_over_its_file(fitted, data, tmp_
     other = DETECTORS["k1-diag"](dtype="float64", progress=False).fit(loader(*data[0]))
     other.save(path)
     torch.testing.assert_close(loaded.score(xt), fitted.score(xt), rtol=0, atol=0)
+    loaded.save(path)  # written from its own (old) map into a new file, then renamed over it
+    again = IDefender.load(path, Identity(), mmap=True)
+    torch.testing.assert_close(again.score(xt), fitted.score(xt), rtol=0, atol=0)
 
 
 def _frozen_digest(marker, config_json, named):
