@@ -238,6 +238,21 @@ def test_an_interrupted_first_pass_is_resumed(cached_fit, xy, tmp_path, monkeypa
     assert_same_detector(resumed, cached)
 
 
+def test_a_first_pass_interrupted_after_its_last_shard_is_completed(cached_fit, xy, tmp_path):
+    """Every batch written, the manifest not yet marked complete: nothing runs again."""
+    model, cached, folder = cached_fit
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in folder.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    forwards = Forwards(model)
+    resumed = detector(model, layers=["0", "2:input"], memory_budget=SMALL, cache=copy).fit(loader(*xy))
+    assert forwards.n == 0 and json.loads((copy / "manifest.json").read_text())["complete"]
+    assert_same_detector(resumed, cached, rtol=0, atol=0)
+
+
 def test_a_resume_with_another_loader_is_refused(cached_fit, xy, tmp_path, monkeypatch):
     model, _, _ = cached_fit
     monkeypatch.setattr(_cache, "SHARD_BYTES", SHARD)

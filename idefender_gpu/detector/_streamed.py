@@ -22,6 +22,7 @@ do not fit; a rank whose states fit then streams them from memory) through
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -139,9 +140,10 @@ class StreamedStates:
             )
 
 
-def _skip_written(loader: Iterable, cache: StateCache, labels: list[Tensor]) -> Iterator[Any]:
-    """The batches of ``loader`` after those the (resumed) cache holds, which are read and
-    compared (size, labels, per-sample shape) but not run through the model."""
+def _skip_written(loader: Iterable, cache: StateCache, labels: list[Tensor]) -> list[Any]:
+    """The batches of ``loader`` after those the (resumed) cache holds (an empty list, or an
+    iterator of at least one batch). The batches the cache holds are read first and compared
+    (size, labels, per-sample shape) but not run through the model."""
     where = repr(str(cache.folder))
     iterator = iter(loader)
     for i, expected in enumerate(labels):
@@ -157,7 +159,8 @@ def _skip_written(loader: Iterable, cache: StateCache, labels: list[Tensor]) -> 
                 "per-sample shape): resume with the loader the cache was written from, in the same "
                 "order, or delete the folder"
             )
-    yield from iterator
+    first = next(iterator, None)
+    return [] if first is None else itertools.chain([first], iterator)
 
 
 @dataclass
@@ -197,7 +200,9 @@ def _first_pass(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], 
     n_classes = cache.n_classes if resumed else None
     input_shape = cache.input_shape if resumed else None
     dtype = None
-    for batch in _batches(model, batches, specs, progress=progress, desc="fit: hidden states"):
+    # (a resumed pass with every batch written already runs nothing: _batches refuses an empty loader)
+    for batch in _batches(model, batches, specs, progress=progress, desc="fit: hidden states") \
+            if not resumed or batches else ():
         y = batch.labels
         if y is None:
             raise ValueError("loader must yield (inputs, labels) pairs to fit a detector; got inputs only")
