@@ -277,9 +277,10 @@ class ClassMixtures:
         """``log p(h_b | c)`` under the classes of ``tiles`` only (:func:`class_tiles`)."""
         X = tiles.layout(h)  # (T, rows, D)
         K, D = self.means.shape[1:]
-        tile_bytes = self._param_bytes() + 2 * tiles.rows * K * D * h.element_size()
-        out = []
         moves = self._moves(h.device)
+        # moving: the distinct classes' parameters, then their copies laid out per tile
+        tile_bytes = (2 if moves else 1) * self._param_bytes() + 2 * tiles.rows * K * D * h.element_size()
+        out = []
         for block in _tile_blocks(tiles.n_tiles, tile_bytes, memory_budget, h.device):
             cls = tiles.tile_class[block]  # (Tb,)
             if moves:  # the distinct classes move once, then are laid out per tile on the device
