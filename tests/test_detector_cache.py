@@ -299,7 +299,10 @@ def test_a_one_shot_iterator_over_the_budget_needs_a_cache(xy, tmp_path):
     assert det.thresholds_.shape == (C,)
 
 
-def test_the_cache_parameter_is_validated():
+def test_the_cache_parameter_is_validated(tmp_path, xy):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cache must be a folder"):
+        detector(make_model(), memory_budget=SMALL, cache=tmp_path / "file").fit(loader(*xy))
     with pytest.raises(InvalidParameterError, match="The 'cache' parameter of IDefender must be None or an "
                                                     "instance of 'str' or an instance of 'os.PathLike'"):
         IDefender(make_model(), n_components=2, cache=3)

@@ -150,12 +150,14 @@ class StateCache:
         Raises
         ------
         ValueError
-            If the folder holds a manifest that is not a cache manifest, of another
+            If ``folder`` is a file, or holds a manifest that is not a cache manifest, of another
             version, written for another model, layer set, dtype or rank, or listing a
             shard that is missing or fails its SHA-256 check.
         """
         folder = Path(folder)
         where = repr(str(folder))
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"cache must be a folder (made if missing); got {where}, which is a file")
         path = folder / MANIFEST
         if not path.exists():  # a fresh cache: the folder is made when the first shard is written
             return cls(folder, key, None)
