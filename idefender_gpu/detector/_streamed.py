@@ -320,8 +320,11 @@ def fit_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *
         states = {spec.spec: torch.cat([part[i] for part, _ in found.held]) for i, spec in enumerate(specs)}
         labels = torch.cat([y for _, y in found.held])
         return LabelledStates(states, labels, found.n_classes, found.input_shape, counts, "fit", setting)
-    return StreamedStates(model, loader, tuple(specs), found.n_classes, found.input_shape, counts, found.dtype,
+    data = StreamedStates(model, loader, tuple(specs), found.n_classes, found.input_shape, counts, found.dtype,
                           device, found.labels, found.cache, found.held, progress)
+    logger.info("fit: the hidden states do not fit memory_budget (%d bytes): every EM pass streams them from "
+                "the %s", budget, data.source)
+    return data
 
 
 def fit_layers(data: LabelledStates | StreamedStates, fit_in_memory: Callable, fit_stream: Callable,
