@@ -322,8 +322,8 @@ def fit_states(model: nn.Module, loader: Iterable, specs: Sequence[LayerSpec], *
         return LabelledStates(states, labels, found.n_classes, found.input_shape, counts, "fit", setting)
     data = StreamedStates(model, loader, tuple(specs), found.n_classes, found.input_shape, counts, found.dtype,
                           device, found.labels, found.cache, found.held, progress)
-    logger.info("fit: the hidden states do not fit memory_budget (%d bytes): every EM pass streams them from "
-                "the %s", budget, data.source)
+    logger.info("fit: every EM pass streams the hidden states from the %s (memory_budget %d bytes)",
+                data.source, budget)
     return data
 
 
