@@ -244,12 +244,12 @@ class StreamSource:
                 log_lik.index_add_(0, present, log_prob_norm.sum(-1))
         return counts, first, second, log_lik
 
-    def em_step(self, params: Params, cfg: Config):
-        """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``.
+    def pass_totals(self, params: Params, cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One pass: totals ``(counts, first, second, Σ log p(x))`` centred on the current
+        means (the order of :meth:`_accumulate`; a data-parallel shard all-reduces them).
 
         Each batch is one fused pass of the dense backend (:func:`kernels.em_pass`) on
-        the groups it holds: its statistics centred on the current means are added to
-        the totals (no ``(n, K)`` responsibilities kept)."""
+        the groups it holds, added to the totals (no ``(n, K)`` responsibilities kept)."""
         G, K, D = params.means.shape
         ctype = cfg.covariance_type
         log_weights = params.weights.log()
@@ -262,8 +262,13 @@ class StreamSource:
                                           memory_budget=cfg.memory_budget)
             for total, part in ((log_lik, ll), (counts, c), (first, f), (second, s)):
                 total.index_add_(0, present, part)
+        return counts, first, second, log_lik
+
+    def em_step(self, params: Params, cfg: Config):
+        """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``."""
+        counts, first, second, log_lik = self.pass_totals(params, cfg)
         stats = kernels.statistics_to_parameters(counts, first, second, params.means,
-                                                 cfg.reg_covar, ctype)
+                                                 cfg.reg_covar, cfg.covariance_type)
         return (log_lik / self.counts, *finish_m_step(*stats, cfg))
 
     def initial_statistics(self, method: str, gen: torch.Generator, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
