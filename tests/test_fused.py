@@ -119,10 +119,10 @@ def test_in_memory_fit_equals_streamed_fit(covariance_type):
     """Both sources make the same fused pass (the stream batch by batch)."""
     from idefender_gpu.mixture import GaussianMixture
 
-    X, _ = make_blobs(120, 3, 3, seed=2)
-    common = dict(covariance_type=covariance_type, max_iter=8, tol=0.0, random_state=0,
+    X, _ = make_blobs(90, 3, 3, seed=2)
+    common = dict(covariance_type=covariance_type, max_iter=4, tol=0.0, random_state=0,
                   init_params="random_from_data", dtype="float64", device="cpu")
-    init = dict(weights_init=np.full(3, 1 / 3), means_init=X[[0, 50, 100]])
+    init = dict(weights_init=np.full(3, 1 / 3), means_init=X[[0, 40, 80]])
     a = GaussianMixture(3, **common, **init).fit(X)
     b = GaussianMixture(3, **common, **init).fit_stream([X[:50], X[50:]])
     np.testing.assert_allclose(a.means_, b.means_, rtol=1e-10, atol=1e-10)
