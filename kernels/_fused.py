@@ -75,6 +75,13 @@ def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.bmm(a, b, out=out)
 
 
+def _sum_of_squares(rows: Tensor, ones: Tensor, out: Tensor) -> None:
+    """``out (M, 1) = Σ_d rows[:, d]²`` for ``rows (M, D)``, squared in place: the sum as
+    a GEMM with ``ones (D, 1)`` (2x faster on CPU than ``sum(-1)`` over a short last axis)."""
+    torch.mul(rows, rows, out=rows)
+    torch.mm(rows, ones, out=out)
+
+
 class _Pass:
     """The buffers and the per-chunk steps of one :func:`em_pass` (one covariance type)."""
 
@@ -108,6 +115,7 @@ class _Pass:
             return
         self.counts = X.new_zeros(G, K)
         self.first = X.new_zeros(G, K, D)  # Σ r x̃
+        self.ones = X.new_ones(D, 1)
         if covariance_type == "full":
             self.x_aug = new(G * rows * (D + 1))  # [x̃, 1]
             self.y = new(G * rows * K * D)  # (G, c, K*D)
@@ -134,14 +142,14 @@ class _Pass:
             torch.sub(X, self.centre, out=x_aug[..., :D])
             x_aug[..., D] = 1
             y = _view(self.y, G, c, K * D)
-            _bmm(x_aug, self.prec_wide, y).square_()
-            torch.sum(y.view(G, c, K, D), -1, out=out)
+            _bmm(x_aug, self.prec_wide, y)
+            _sum_of_squares(y.view(G * c * K, D), self.ones, out.view(G * c * K, 1))
         elif self.ctype == "tied":
             xc = _view(self.x_aug, G, c, D)
             torch.sub(X, self.centre, out=xc)
             yc = _bmm(xc, self.prec_chol, _view(self.yc, G, c, D))
             diff = torch.sub(yc.unsqueeze(-2), self.mu_prec, out=_view(self.y, G, c, K, D))
-            torch.sum(diff.square_(), -1, out=out)
+            _sum_of_squares(diff.view(G * c * K, D), self.ones, out.view(G * c * K, 1))
         else:
             x_aug = _view(self.x_aug, G, c, 2 * D + 1)
             torch.sub(X, self.centre, out=x_aug[..., D:2 * D])
