@@ -134,6 +134,7 @@ def test_detector_overhead_records_vgg_as_skipped_without_torchvision(monkeypatc
     assert "checks" not in record
 
 
+@pytest.mark.slow
 def test_bench_command_writes_the_detector_record_and_its_table(tmp_path, capsys):
     """``idefender-gpu bench --workload imagenet-cpu`` with a shape override: one variant in
     its own process (peak RSS its own), the JSON record, the markdown table."""
@@ -213,7 +214,7 @@ def status(field):
             return int(line.split()[1]) * 1024
 
 torch.set_num_threads(1)
-C, D = 64, 512
+C, D = 48, 384
 g = torch.Generator().manual_seed(0)
 y = torch.arange(C).repeat_interleave(2 * D // C)
 x = torch.randn(y.shape[0], D, generator=g) + torch.randn(C, D, generator=g)[y]
@@ -232,9 +233,10 @@ print(json.dumps({**peaks, "scatter": C * D * D * 4}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_factors_of_running_totals_need_no_second_copy_of_the_parameters():
-    """Peak RSS of gaussian_parameters at C=64, D=512 (a 67 MB float32 scatter): on the
+    """Peak RSS of gaussian_parameters at C=48, D=384 (a 28 MB float32 scatter): on the
     fit's running totals the factors overwrite the scatter block by block (growth well under
     a quarter of it; before, the covariances, their Cholesky factors and inverses were each
     a full (C, D, D) tensor: about 4x); into a new tensor it grows by one scatter's size (so
