@@ -123,6 +123,7 @@ class _Pass:
             wide = prec_chol.permute(0, 2, 1, 3).reshape(G, D, K * D)  # (G, D, K*D)
             self.prec_wide = torch.cat([wide, -mu_prec.reshape(G, 1, K * D)], dim=1)  # (G, D+1, K*D)
             self.second = X.new_zeros(G, K, D, D)
+            self.sqrt_resp = new(G * rows * K)  # (G, c, K)
         else:  # tied
             self.x_aug = new(G * rows * D)  # x̃
             self.y = new(G * rows * K * D)  # (G, c, K, D)
@@ -176,7 +177,8 @@ class _Pass:
             self.first.baddbmm_(resp.mT, xc)
             scaled = torch.sub(xc.unsqueeze(1), self.mu.unsqueeze(2),  # (G, K, c, D)
                                out=_view(self.y, G, K, c, D))
-            scaled.mul_(resp.sqrt().mT.unsqueeze(-1))
+            sqrt_resp = torch.sqrt(resp, out=_view(self.sqrt_resp, G, c, K))
+            scaled.mul_(sqrt_resp.mT.unsqueeze(-1))
             _add_gram(self.second, scaled)
         else:
             xc = _view(self.x_aug, G, c, D)
