@@ -239,6 +239,14 @@ def _flops(w: DetectorWorkload) -> dict[str, float]:
             "scoring": 2 * T * D * D}  # under the predicted class
 
 
+def _all_finite(t: Tensor, block_bytes: int = 2**26) -> bool:
+    """Whether every value of ``t`` is finite, checked in blocks of rows (``torch.isfinite`` of
+    a whole 4 GB tensor would take another 7 GB of temporaries)."""
+    flat = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(-1, 1)
+    step = max(1, block_bytes // max(1, flat.shape[1] * flat.element_size()))
+    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.shape[0], step))
+
+
 def _fit_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """One fit, thresholds and held-out scoring of a ``'fit'`` workload (this process)."""
     from idefender_gpu import IDefender
@@ -288,11 +296,9 @@ def _fit_variant(spec: dict[str, Any]) -> dict[str, Any]:
     memory["after_scoring"] = memory_status()
     scores, predicted, labels = torch.cat(scores), torch.cat(predicted), torch.cat(labels)
     thresholds = detector.thresholds_.to(scores.device)
-    finite = {"means": all(bool(torch.isfinite(t).all()) for t in detector.means_.values()),
-              "precisions_cholesky": all(bool(torch.isfinite(t).all())
-                                         for t in detector.precisions_cholesky_.values()),
-              "thresholds": bool(torch.isfinite(thresholds).all()),
-              "scores": bool(torch.isfinite(scores).all())}
+    finite = {"means": all(_all_finite(t) for t in detector.means_.values()),
+              "precisions_cholesky": all(_all_finite(t) for t in detector.precisions_cholesky_.values()),
+              "thresholds": _all_finite(thresholds), "scores": _all_finite(scores)}
     quality: dict[str, Any] = {
         "classifier_accuracy": float((predicted == labels).float().mean()),
         "natural_reject_rate": float((scores < thresholds[predicted]).float().mean()),
@@ -300,7 +306,7 @@ def _fit_variant(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if w.auc:
         wrong, other = torch.cat(wrong_scores), torch.cat(wrong_classes)
-        finite["wrong_class_scores"] = bool(torch.isfinite(wrong).all())
+        finite["wrong_class_scores"] = _all_finite(wrong)
         both = torch.cat([scores, wrong]).double().cpu()
         is_wrong = torch.cat([torch.zeros_like(scores), torch.ones_like(wrong)]).cpu()
         # -score: lower log-density = more likely presented as the wrong class; -inf ranks last
