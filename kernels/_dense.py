@@ -19,6 +19,11 @@ Peak memory of one chunk of ``c`` samples (``s`` bytes per element):
 the default budget per device, a minimum row count on CUDA). Sums over chunks are
 accumulated in place (``baddbmm_``), never through a per-chunk temporary of the result.
 
+The EM iterations of a fit do not go through these E-step/M-step pairs (which make the
+whole ``(G, N, K)`` responsibilities) but through the fused pass of :mod:`._fused`, which
+makes the same centred GEMMs chunk by chunk; these serve scoring, the initialisation and
+the unfused oracle of the tests.
+
 Accuracy: every E-step product sees samples and means centred on the mean of the
 component means (``x - c``, ``μ - c``), so float32 and TF32 lose no digits to the data's
 distance from the origin; with TF32 active the M-step's first moments are centred too
