@@ -310,6 +310,8 @@ class MomentAccumulator:
     def add(self, h: Tensor, labels: Tensor) -> None:
         """Take one batch ``h (N, D)``, ``labels (N,)`` (int64 in ``[0, n_classes)``)."""
         if labels.numel() == 0:
+            if self.total is None:  # zero totals of the right shape, as a merge of nothing gives
+                self._merge(h, labels)
             return
         if self.diagonal or self.pooled:
             self._merge(h, labels)

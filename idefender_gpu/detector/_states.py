@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu.detector._moments import ClassMoments, all_reduce_moments, batch_moments, merge_moments
+from idefender_gpu.detector._moments import ClassMoments, MomentAccumulator, all_reduce_moments
 from idefender_gpu.distributed import current as current_data_parallel
 from idefender_gpu.features import LayerSpec, _batches
 
@@ -224,7 +224,9 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
     setting = current_data_parallel()
 
     def run() -> tuple[list[int], tuple[Any, int, tuple[int, ...], torch.dtype]]:
-        totals: dict[str, ClassMoments | None] = {spec.spec: None for spec in specs}
+        # class buckets then merges (_moments.MomentAccumulator): a shuffled loader costs
+        # about what a sorted one does
+        accumulators: dict[str, MomentAccumulator] = {}
         n_classes, dtype, input_shape = None, None, None
         for batch in _batches(model, loader, specs, progress=progress, desc="fit: class moments"):
             if batch.labels is None:
@@ -248,9 +250,11 @@ def streamed_moments(model: nn.Module, loader: Iterable, specs: Sequence[LayerSp
                         f"is the width of the model's output); got label {low if low < 0 else high}"
                     )
             for spec, h in batch.states.items():
-                part = batch_moments(h.to(dtype), labels, n_classes, diagonal=diagonal, higher=higher,
-                                     pooled=pooled, memory_budget=memory_budget)
-                totals[spec] = merge_moments(totals[spec], part, n_classes)
+                if spec not in accumulators:
+                    accumulators[spec] = MomentAccumulator(n_classes, diagonal=diagonal, higher=higher,
+                                                           pooled=pooled, memory_budget=memory_budget)
+                accumulators[spec].add(h.to(dtype), labels)
+        totals = {spec: acc.result() for spec, acc in accumulators.items()}
         shape = list(input_shape[:_SHAPE_DIMS]) + [0] * (_SHAPE_DIMS - len(input_shape[:_SHAPE_DIMS]))
         row = [n_classes, len(input_shape), int(torch.Size(input_shape).numel()), *shape]
         return row, (totals, n_classes, input_shape, dtype)
