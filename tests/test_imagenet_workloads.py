@@ -249,10 +249,11 @@ def test_factors_of_running_totals_need_no_second_copy_of_the_parameters():
     assert peaks["new"] > 0.9 * peaks["scatter"], peaks
 
 
-@pytest.mark.parametrize("rows", [1, 3, None])
-def test_moment_accumulator_equals_the_moments_of_all_states(rows):
-    """Class buckets (a shuffled loader's batches touch every class) then merges: the
-    moments of all the states at once, to round-off (float64, third and fourth moments too)."""
+@pytest.mark.parametrize("rows, merge_bytes", [(1, None), (3, 1), (None, None)])
+def test_moment_accumulator_equals_the_moments_of_all_states(rows, merge_bytes):
+    """Class buckets (a shuffled loader's batches touch every class) then merges (of one
+    class at a time with ``merge_bytes=1``): the moments of all the states at once, to
+    round-off (float64, third and fourth moments too)."""
     from idefender_gpu.detector._moments import MomentAccumulator, batch_moments, merge_moments
 
     g = torch.Generator().manual_seed(3)
@@ -261,7 +262,7 @@ def test_moment_accumulator_equals_the_moments_of_all_states(rows):
     x = 2 * torch.randn(600, D, generator=g, dtype=torch.float64) + 30 + torch.randn(C, D, generator=g,
                                                                                  dtype=torch.float64)[y]
     expected = merge_moments(None, batch_moments(x, y, C, diagonal=False, higher=True), C)
-    acc = MomentAccumulator(C, diagonal=False, higher=True, rows=rows)
+    acc = MomentAccumulator(C, diagonal=False, higher=True, rows=rows, merge_bytes=merge_bytes)
     start = 0
     for size in (1, 5, 90, 0, 3, 250, 251):
         acc.add(x[start:start + size], y[start:start + size])

@@ -295,9 +295,11 @@ class MomentAccumulator:
     """
 
     def __init__(self, n_classes: int, *, diagonal: bool, higher: bool, pooled: bool = False,
-                 memory_budget: int | None = None, rows: int | None = None) -> None:
+                 memory_budget: int | None = None, rows: int | None = None,
+                 merge_bytes: int | None = None) -> None:
         self.n_classes, self.diagonal, self.higher, self.pooled = n_classes, diagonal, higher, pooled
         self.memory_budget, self.rows = memory_budget, rows
+        self.merge_bytes = max(256 * 2**20, memory_budget or 0) if merge_bytes is None else merge_bytes
         self.total: ClassMoments | None = None
         self._bucket: Tensor | None = None  # (C, rows, D)
         self._fill: Tensor | None = None  # (C,) rows held per class
@@ -327,10 +329,12 @@ class MomentAccumulator:
         go = ready[labels]  # (N,)
         held = ready & (fill > 0)  # (C,)
         if bool(go.any()):
-            slots = torch.arange(rows, device=h.device) < fill.unsqueeze(1)  # (C, rows) rows in use
-            slots &= held.unsqueeze(1)
-            cls = torch.arange(C, device=h.device).unsqueeze(1).expand(C, rows)[slots]  # (n,)
-            self._merge(torch.cat([bucket[slots], h[go]]), torch.cat([cls, labels[go]]))
+            used = torch.arange(rows, device=h.device) < fill.unsqueeze(1)  # (C, rows) rows in use
+            classes = torch.arange(C, device=h.device).unsqueeze(1).expand(C, rows)  # (C, rows)
+            for group in self._groups(ready, D, h.element_size()):  # (C,) bool, a few classes each
+                slots = used & (held & group).unsqueeze(1)
+                mine = go & group[labels]
+                self._merge(torch.cat([bucket[slots], h[mine]]), torch.cat([classes[slots], labels[mine]]))
             fill[ready] = 0
         keep = ~go
         if bool(keep.any()):  # the other rows join their class's bucket
@@ -342,14 +346,33 @@ class MomentAccumulator:
             bucket[kept, fill[kept] + rank] = h[keep]
             fill += counts * ~ready
 
+    def _groups(self, classes: Tensor, D: int, itemsize: int) -> list[Tensor]:
+        """``classes (C,)`` (bool) split into masks of at most as many classes as keep one
+        merge's ``(P, D, D)`` batch scatter under ``merge_bytes`` (default 256 MiB, or
+        ``memory_budget`` if larger): when the buckets of a shuffled loader fill together,
+        one merge of all of them would hold a second copy of the parameters."""
+        per_group = max(1, self.merge_bytes // (D * D * itemsize))
+        present = classes.nonzero().squeeze(1)  # (P,)
+        if present.shape[0] <= per_group:
+            return [classes]
+        groups = []
+        for start in range(0, present.shape[0], per_group):
+            mask = torch.zeros_like(classes)
+            mask[present[start:start + per_group]] = True
+            groups.append(mask)
+        return groups
+
     def result(self) -> ClassMoments:
         """The moments of every batch added (the buckets merged first); running totals."""
         if self._bucket is not None and bool((self._fill > 0).any()):
-            C, rows = self._bucket.shape[:2]
-            slots = torch.arange(rows, device=self._fill.device) < self._fill.unsqueeze(1)  # (C, rows)
-            cls = torch.arange(C, device=self._fill.device).unsqueeze(1).expand(C, rows)[slots]
-            self._merge(self._bucket[slots], cls)
-            self._fill.zero_()
+            bucket, fill = self._bucket, self._fill
+            C, rows, D = bucket.shape
+            used = torch.arange(rows, device=fill.device) < fill.unsqueeze(1)  # (C, rows)
+            classes = torch.arange(C, device=fill.device).unsqueeze(1).expand(C, rows)  # (C, rows)
+            for group in self._groups(fill > 0, D, bucket.element_size()):
+                slots = used & group.unsqueeze(1)
+                self._merge(bucket[slots], classes[slots])
+            fill.zero_()
         if self.total is None:
             raise ValueError("no states were added")
         self._bucket = None
