@@ -101,13 +101,29 @@ class DefendedModel(nn.Module):
     classes below K. Each forward runs the classifier and ``detector.log_density`` (which
     usually runs the classifier again to read its hidden state).
 
-    Recipes for outside libraries (eval mode first; ``defended.n_outputs`` outputs)::
+    Recipes for outside libraries (eval mode first; ``defended.n_outputs`` outputs). Attack
+    towards each of the classifier's best wrong classes in turn (three, as MarginPGD's
+    targeted runs and APGD-T) and keep each sample's first evasion: many images can be sent
+    to their best wrong class only where the detector rejects, and are evaded through
+    another. On model F with I-defender (Fashion-MNIST, held-out ID-95 thresholds, 200 test
+    images, 40 steps), torchattacks' PGD succeeds on 52% / 76% of the correctly classified
+    images at eps 0.05 / 0.1 with the best wrong class alone, 58% / 84% over three targets,
+    MarginPGD on 59% / 87%. Neither a larger step (alpha = 10 eps / steps: 50% at eps 0.05)
+    nor keeping the best step (no more than the last) closes the single-target gap; a wider
+    ``margin_unit`` (300 nats) adds 2-3 points to it::
 
         import torchattacks
         defended = DefendedModel(detector).eval()
-        pgd = torchattacks.PGD(defended, eps=0.1, alpha=0.01, steps=40, random_start=True)
+        with torch.no_grad():
+            ranked = defended.model(x).scatter(1, y[:, None], float("-inf")).topk(3, dim=1).indices
+        pgd = torchattacks.PGD(defended, eps=0.1, alpha=2.5 * 0.1 / 40, steps=40, random_start=True)
         pgd.set_mode_targeted_by_label(quiet=True)
-        x_adv = pgd(x, target)  # target: a class in [0, K), not y
+        x_adv, todo = x.clone(), torch.ones(len(x), dtype=torch.bool)
+        for target in ranked.T:  # targets in [0, K), the best wrong class first; never y
+            idx = todo.nonzero().squeeze(1)
+            x_t = pgd(x[idx], target[idx])
+            hit = defended.evades(x_t, y[idx])
+            x_adv[idx[hit]], todo[idx[hit]] = x_t[hit], False
         success = defended.evades(x_adv, y)
 
         from art.estimators.classification import PyTorchClassifier
@@ -115,9 +131,9 @@ class DefendedModel(nn.Module):
         classifier = PyTorchClassifier(model=defended, loss=torch.nn.CrossEntropyLoss(),
                                        input_shape=tuple(x.shape[1:]), nb_classes=defended.n_outputs,
                                        clip_values=(0.0, 1.0))
-        art_pgd = ProjectedGradientDescent(classifier, eps=0.1, eps_step=0.01, max_iter=40,
+        art_pgd = ProjectedGradientDescent(classifier, eps=0.1, eps_step=2.5 * 0.1 / 40, max_iter=40,
                                            targeted=True)
-        x_adv = torch.as_tensor(art_pgd.generate(x.numpy(), y=target.numpy()))
+        # the same loop, with: x_t = torch.as_tensor(art_pgd.generate(x[idx].numpy(), y=target[idx].numpy()))
 
     References
     ----------
