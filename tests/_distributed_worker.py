@@ -282,7 +282,7 @@ def faults(out_dir, rank):
         bad[5, 2] = np.nan
     attempt("nan", lambda: GaussianMixture(3, **COMMON).fit(bad))
     # a failure inside rank 1's third E-step
-    original, calls = kernels.estimate_log_prob_resp, []
+    original, calls = kernels.em_pass, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -290,11 +290,11 @@ def faults(out_dir, rank):
             raise RuntimeError("injected failure in the E-step")
         return original(*args, **kwargs)
 
-    kernels.estimate_log_prob_resp = failing
+    kernels.em_pass = failing
     try:
         attempt("em_step", lambda: GaussianMixture(3, **COMMON).fit(X[mine]))
     finally:
-        kernels.estimate_log_prob_resp = original
+        kernels.em_pass = original
     # an empty stream on rank 1
     batches = [(Xg[:100], yg[:100])] if rank == 0 else []
     attempt("empty_stream", lambda: BatchedGaussianMixture(2, **COMMON).fit_stream(batches))

@@ -4,10 +4,12 @@
 Each rank holds a shard of the samples, in memory (the padded group layout of ``_memory.InMemorySource``)
 or as a stream (``StreamSource``). One EM iteration:
 
-1. E-step on the local shard: responsibilities under the current parameters;
-2. local sums of :func:`idefender_gpu.kernels.shifted_statistics` centred on the current
+1. one fused pass over the local shard (the backend's ``pass_statistics`` for a shard in
+   memory, :meth:`._stream.StreamSource.pass_totals` for a stream; the dense backend's is
+   :func:`idefender_gpu.kernels.em_pass`): E-step and the local sums centred on the current
    means, ``counts (G, K)``, ``first (G, K, D)``, ``second`` and the log-likelihood sums
-   ``(G,)``, flattened with one fault flag per rank into ONE buffer and all-reduced;
+   ``(G,)``, never the ``(G, N, K)`` responsibilities;
+2. those sums, flattened with one fault flag per rank into ONE buffer, all-reduced;
 3. the same M-step on every rank (:func:`kernels.statistics_to_parameters`), so every rank
    holds identical parameters and takes identical convergence decisions.
 
@@ -150,6 +152,13 @@ class _LocalMemory:
             log_lik = torch.where(weight > 0, log_prob_norm, 0).sum(-1)
         return counts, first, second, log_lik
 
+    def em_totals(self, params: Params, cfg: Config) -> tuple:
+        """One fused pass of the backend: local ``(counts, first, second, Σ log p(x))``."""
+        g = self.groups
+        log_lik, counts, first, second = cfg.backend.pass_statistics(
+            g.X, g.weight, params, cfg.covariance_type, cfg.memory_budget)
+        return counts, first, second, log_lik
+
     def reservoir(self, size: int, row_hash: _RowHash) -> tuple[Tensor, Tensor]:
         """Per group, the ``size`` local rows with the smallest keys: keys ``(G, size)``
         (ascending, ``_NO_KEY`` for missing rows) and rows ``(G, size, D)`` (zeros there)."""
@@ -176,6 +185,9 @@ class _LocalStream:
 
     def accumulate(self, centres: Tensor, covariance_type: str, resp_of_batch: Callable) -> tuple:
         return self.stream._accumulate(centres, covariance_type, resp_of_batch)
+
+    def em_totals(self, params: Params, cfg: Config) -> tuple:
+        return self.stream.pass_totals(params, cfg)
 
     def reservoir(self, size: int, row_hash: _RowHash) -> tuple[Tensor, Tensor]:
         keys, rows = self.stream.sample_keys, self.stream.sample  # (G_local, size), (G_local, size, D)
@@ -262,19 +274,10 @@ class DistributedSource:
     def em_step(self, params: Params, cfg: Config):
         """One iteration: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``
         (set to -1 everywhere when a rank failed; :meth:`check_info` then raises)."""
-        log_weights = params.weights.log()
         ctype = cfg.covariance_type
-
-        def e_step(Xp, weight, present):
-            log_prob_norm, log_resp = kernels.estimate_log_prob_resp(
-                Xp, log_weights[present], params.means[present], params.prec_chol[present], ctype,
-                memory_budget=cfg.memory_budget,
-            )  # (G, N), (G, N, K)
-            return log_resp.exp_(), log_prob_norm
-
         G, K, D = params.means.shape
         (counts, first, second, log_lik), flags, exc = self.setting.reduce_parts(
-            lambda: self.local.accumulate(params.means, ctype, e_step),
+            lambda: self.local.em_totals(params, cfg),
             _statistics_shapes(G, K, D, ctype), params.means.dtype, params.means.device,
             "an EM iteration")
         stats = kernels.statistics_to_parameters(counts, first, second, params.means, cfg.reg_covar, ctype)
