@@ -133,7 +133,9 @@ class _DetectorBase:
             diagonal=diagonal, higher=higher, pooled=pooled, memory_budget=self.memory_budget,
             min_per_class=self._min_per_class(),
             progress=self.progress, owner=type(self).__name__)
-        densities = {spec: self._density_from_moments(m) for spec, m in fitted.moments.items()}
+        densities = {}
+        for spec in list(fitted.moments):  # each layer's moments freed once its density is made
+            densities[spec] = self._density_from_moments(fitted.moments.pop(spec))
         start = time.perf_counter()
         logger.info("fit: thresholds (keep %s of each class) ...", self.keep)
         thresholds = streamed_thresholds(
