@@ -273,3 +273,47 @@ def test_moment_accumulator_equals_the_moments_of_all_states(rows, merge_bytes):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
     with pytest.raises(ValueError, match="no states"):
         MomentAccumulator(C, diagonal=False, higher=False).result()
+
+
+def test_class_buckets_give_every_row_once_with_its_class():
+    from idefender_gpu.detector._moments import ClassBuckets
+
+    g = torch.Generator().manual_seed(4)
+    C, N = 6, 500
+    y = torch.randint(0, C, (N,), generator=g)
+    ids = torch.arange(N, dtype=torch.float64)
+    x = torch.stack([ids, y.double()], 1)  # each row names itself and its class
+    buckets = ClassBuckets(C, 8, max_classes=2)
+    seen, start = [], 0
+    for size in (3, 0, 40, 1, 200, 256):
+        groups = buckets.add({"x": x[start:start + size], "w": x[start:start + size, :1]}, y[start:start + size])
+        seen += groups
+        start += size
+    seen += buckets.drain()
+    assert buckets.drain() == []
+    rows = torch.cat([parts["x"] for parts, _ in seen])
+    labels = torch.cat([lab for _, lab in seen])
+    assert torch.equal(rows[:, 0].sort().values, ids)  # every row exactly once
+    assert torch.equal(rows[:, 1].long(), labels) and torch.equal(torch.cat([p["w"] for p, _ in seen])[:, 0], rows[:, 0])
+    assert all(lab.unique().numel() <= 2 for _, lab in seen)
+
+
+def test_streamed_thresholds_of_a_shuffled_loader_equal_those_of_a_sorted_one():
+    """The K=1 fit of the same states sorted by class or shuffled (buckets of 64 in both
+    passes): the same detector (float64, to round-off)."""
+    from idefender_gpu import IDefender
+
+    states = ClassStates(5, 6, rank=2, seed=2)
+    sorted_loader = SyntheticLoader(states, 700, 50)
+    x = torch.cat([b for b, _ in sorted_loader]).double()
+    y = torch.cat([c for _, c in sorted_loader])
+    perm = torch.randperm(700, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Linear(6, 5)).double()
+    fits = []
+    for order in (torch.arange(700), perm):
+        batches = [(x[order][i:i + 50], y[order][i:i + 50]) for i in range(0, 700, 50)]
+        fits.append(IDefender(model, n_components=1, progress=False).fit(batches))
+    torch.testing.assert_close(fits[1].thresholds_, fits[0].thresholds_, rtol=1e-12, atol=1e-10)
+    layer = fits[0].layers_[0]
+    torch.testing.assert_close(fits[1].precisions_cholesky_[layer], fits[0].precisions_cholesky_[layer],
+                               rtol=1e-10, atol=1e-10)

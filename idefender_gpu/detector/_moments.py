@@ -39,7 +39,7 @@ from torch import Tensor
 from idefender_gpu import kernels
 from idefender_gpu.detector._densities import class_tiles
 
-__all__ = ["COVARIANCE_ESTIMATORS", "ClassMoments", "MomentAccumulator", "all_reduce_moments", "batch_moments",
+__all__ = ["COVARIANCE_ESTIMATORS", "ClassBuckets", "ClassMoments", "MomentAccumulator", "all_reduce_moments", "batch_moments",
            "gaussian_parameters", "merge_moments", "shrinkage_coefficients", "shrunk_covariances"]
 
 #: ``covariance_estimator`` values of IDefender
@@ -280,18 +280,104 @@ def _merge_small(total: ClassMoments, part: ClassMoments, present: Tensor) -> Cl
     return total
 
 
+class ClassBuckets:
+    """Rows of aligned ``(N, D_i)`` tensors held per class until ``rows`` of a class are there.
+
+    ``add(tensors, labels)`` returns the groups of rows ready now, ``(tensors, labels)`` of
+    whole classes (the rows held for them, then this batch's), and keeps the other rows in
+    ``(C, rows, D_i)`` buckets; ``drain()`` returns what is held. Each group has at most
+    ``max_classes`` classes (None: no limit). Work whose cost per class is ``D²`` whatever
+    its rows (a scatter merged, a factor read to score) then meets at least ``rows`` rows a
+    class, however the loader orders its samples: a shuffled batch of 4096 among 1000
+    classes holds 4 rows a class, a sorted one (``ImageFolder``'s order) passes straight
+    through.
+    """
+
+    def __init__(self, n_classes: int, rows: int, max_classes: int | None = None) -> None:
+        self.n_classes, self.rows, self.max_classes = n_classes, rows, max_classes
+        self._bucket: dict[str, Tensor] | None = None  # name -> (C, rows, D_i)
+        self._fill: Tensor | None = None  # (C,) rows held per class
+
+    def _groups(self, classes: Tensor) -> list[Tensor]:
+        """``classes (C,)`` (bool) as masks of at most ``max_classes`` classes each."""
+        if self.max_classes is None:
+            return [classes]
+        present = classes.nonzero().squeeze(1)  # (P,)
+        if present.shape[0] <= self.max_classes:
+            return [classes]
+        groups = []
+        for start in range(0, present.shape[0], self.max_classes):
+            mask = torch.zeros_like(classes)
+            mask[present[start:start + self.max_classes]] = True
+            groups.append(mask)
+        return groups
+
+    def _held(self, which: Tensor, tensors: dict[str, Tensor] | None = None,
+              take: Tensor | None = None, labels: Tensor | None = None) -> list[tuple[dict[str, Tensor], Tensor]]:
+        """Groups of the rows held for the classes ``which (C,)``, with the rows ``take`` of
+        ``tensors`` (labels ``labels``) of those classes after them."""
+        C, rows, fill = self.n_classes, self.rows, self._fill
+        used = torch.arange(rows, device=fill.device) < fill.unsqueeze(1)  # (C, rows) rows in use
+        classes = torch.arange(C, device=fill.device).unsqueeze(1).expand(C, rows)  # (C, rows)
+        out = []
+        for group in self._groups(which):
+            slots = used & group.unsqueeze(1)
+            parts = {k: b[slots] for k, b in self._bucket.items()}
+            group_labels = classes[slots]
+            if tensors is not None:
+                mine = take & group[labels]
+                parts = {k: torch.cat([parts[k], t[mine]]) for k, t in tensors.items()}
+                group_labels = torch.cat([group_labels, labels[mine]])
+            out.append((parts, group_labels))
+        return out
+
+    def add(self, tensors: dict[str, Tensor], labels: Tensor) -> list[tuple[dict[str, Tensor], Tensor]]:
+        """Take one batch (``tensors`` of ``(N, D_i)``, ``labels (N,)`` int64 in range)."""
+        C = self.n_classes
+        if self._bucket is None:
+            self._bucket = {k: t.new_empty(C, self.rows, t.shape[1]) for k, t in tensors.items()}
+            self._fill = torch.zeros(C, dtype=torch.int64, device=labels.device)
+        fill = self._fill
+        counts = torch.bincount(labels, minlength=C)  # (C,)
+        ready = (fill + counts) >= self.rows  # (C,) these classes go now, with what is held
+        go = ready[labels]  # (N,)
+        out = self._held(ready, tensors, go, labels) if bool(go.any()) else []
+        if out:
+            fill[ready] = 0
+        keep = ~go
+        if bool(keep.any()):  # the other rows join their class's bucket
+            kept = labels[keep]  # (M,)
+            staying = counts * ~ready  # (C,)
+            order = torch.argsort(kept, stable=True)
+            first = torch.cumsum(staying, 0) - staying  # (C,) rank of a class's first kept row
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.shape[0], device=labels.device) - first[kept[order]]
+            for k, t in tensors.items():
+                self._bucket[k][kept, fill[kept] + rank] = t[keep]
+            fill += staying
+        return out
+
+    def drain(self) -> list[tuple[dict[str, Tensor], Tensor]]:
+        """The groups of every row still held (then none is)."""
+        if self._bucket is None or not bool((self._fill > 0).any()):
+            return []
+        out = self._held(self._fill > 0)
+        self._fill.zero_()
+        return out
+
+
 class MomentAccumulator:
     """The running per-class moments of a stream of ``(h (N, D), labels (N,))`` batches.
 
     ``add`` then ``result()`` is ``merge_moments(total, batch_moments(h, labels, ...))`` over
-    the batches, to round-off. With full scatters each class's states are first gathered in
-    a bucket of ``rows`` rows (``(C, rows, D)``, about ``rows / D`` of the parameters' size)
-    and merged once the bucket (with the batch's rows of that class) holds ``rows`` or more:
-    every merge then costs a ``(D, D)`` update for at least ``rows`` states. A shuffled
-    loader's batch touches almost every class (a batch of 4096 among 1000 classes: 4 rows a
-    class), where merging each batch would cost ``C D²`` per batch for ``B D²`` of
-    products; a sorted batch (``ImageFolder`` order) goes straight through. Diagonal and
-    pooled scatters are merged batch by batch (their merges cost ``C D`` or ``D²``).
+    the batches, to round-off. With full scatters the states go through
+    :class:`ClassBuckets` of ``rows`` rows (``(C, rows, D)``, ``rows / D`` of the
+    parameters' size): every merge then costs a ``(D, D)`` update for at least ``rows``
+    states, where merging each batch of a shuffled loader would cost ``C D²`` per batch for
+    ``B D²`` of products. The classes merged at once are limited so that one merge's
+    ``(P, D, D)`` batch scatter stays under ``merge_bytes`` (default 256 MiB, or
+    ``memory_budget`` if larger): the buckets of a shuffled loader fill together. Diagonal
+    and pooled scatters are merged batch by batch (their merges cost ``C D`` or ``D²``).
     """
 
     def __init__(self, n_classes: int, *, diagonal: bool, higher: bool, pooled: bool = False,
@@ -301,8 +387,7 @@ class MomentAccumulator:
         self.memory_budget, self.rows = memory_budget, rows
         self.merge_bytes = max(256 * 2**20, memory_budget or 0) if merge_bytes is None else merge_bytes
         self.total: ClassMoments | None = None
-        self._bucket: Tensor | None = None  # (C, rows, D)
-        self._fill: Tensor | None = None  # (C,) rows held per class
+        self._buckets: ClassBuckets | None = None
 
     def _merge(self, h: Tensor, labels: Tensor) -> None:
         part = batch_moments(h, labels, self.n_classes, diagonal=self.diagonal, higher=self.higher,
@@ -318,64 +403,22 @@ class MomentAccumulator:
         if self.diagonal or self.pooled:
             self._merge(h, labels)
             return
-        C, D = self.n_classes, h.shape[1]
-        if self._bucket is None:
+        if self._buckets is None:
+            D = h.shape[1]
             rows = self.rows if self.rows is not None else min(64, max(1, D // 4))
-            self._bucket = h.new_empty(C, rows, D)
-            self._fill = torch.zeros(C, dtype=torch.int64, device=h.device)
-        bucket, fill, rows = self._bucket, self._fill, self._bucket.shape[1]
-        counts = torch.bincount(labels, minlength=C)  # (C,)
-        ready = (fill + counts) >= rows  # (C,) merged now: the bucket and this batch's rows
-        go = ready[labels]  # (N,)
-        held = ready & (fill > 0)  # (C,)
-        if bool(go.any()):
-            used = torch.arange(rows, device=h.device) < fill.unsqueeze(1)  # (C, rows) rows in use
-            classes = torch.arange(C, device=h.device).unsqueeze(1).expand(C, rows)  # (C, rows)
-            for group in self._groups(ready, D, h.element_size()):  # (C,) bool, a few classes each
-                slots = used & (held & group).unsqueeze(1)
-                mine = go & group[labels]
-                self._merge(torch.cat([bucket[slots], h[mine]]), torch.cat([classes[slots], labels[mine]]))
-            fill[ready] = 0
-        keep = ~go
-        if bool(keep.any()):  # the other rows join their class's bucket
-            kept = labels[keep]  # (M,)
-            order = torch.argsort(kept, stable=True)
-            start = torch.cumsum(counts * ~ready, 0) - counts * ~ready  # (C,) first kept row per class
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(order.shape[0], device=h.device) - start[kept[order]]
-            bucket[kept, fill[kept] + rank] = h[keep]
-            fill += counts * ~ready
-
-    def _groups(self, classes: Tensor, D: int, itemsize: int) -> list[Tensor]:
-        """``classes (C,)`` (bool) split into masks of at most as many classes as keep one
-        merge's ``(P, D, D)`` batch scatter under ``merge_bytes`` (default 256 MiB, or
-        ``memory_budget`` if larger): when the buckets of a shuffled loader fill together,
-        one merge of all of them would hold a second copy of the parameters."""
-        per_group = max(1, self.merge_bytes // (D * D * itemsize))
-        present = classes.nonzero().squeeze(1)  # (P,)
-        if present.shape[0] <= per_group:
-            return [classes]
-        groups = []
-        for start in range(0, present.shape[0], per_group):
-            mask = torch.zeros_like(classes)
-            mask[present[start:start + per_group]] = True
-            groups.append(mask)
-        return groups
+            self._buckets = ClassBuckets(self.n_classes, rows,
+                                         max(1, self.merge_bytes // (D * D * h.element_size())))
+        for parts, group_labels in self._buckets.add({"h": h}, labels):
+            self._merge(parts["h"], group_labels)
 
     def result(self) -> ClassMoments:
         """The moments of every batch added (the buckets merged first); running totals."""
-        if self._bucket is not None and bool((self._fill > 0).any()):
-            bucket, fill = self._bucket, self._fill
-            C, rows, D = bucket.shape
-            used = torch.arange(rows, device=fill.device) < fill.unsqueeze(1)  # (C, rows)
-            classes = torch.arange(C, device=fill.device).unsqueeze(1).expand(C, rows)  # (C, rows)
-            for group in self._groups(fill > 0, D, bucket.element_size()):
-                slots = used & group.unsqueeze(1)
-                self._merge(bucket[slots], classes[slots])
-            fill.zero_()
+        if self._buckets is not None:
+            for parts, group_labels in self._buckets.drain():
+                self._merge(parts["h"], group_labels)
+            self._buckets = None
         if self.total is None:
             raise ValueError("no states were added")
-        self._bucket = None
         return self.total
 
 

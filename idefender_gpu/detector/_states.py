@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from idefender_gpu.detector._moments import ClassMoments, MomentAccumulator, all_reduce_moments
+from idefender_gpu.detector._moments import ClassBuckets, ClassMoments, MomentAccumulator, all_reduce_moments
 from idefender_gpu.distributed import current as current_data_parallel
 from idefender_gpu.features import LayerSpec, _batches
 
@@ -290,14 +290,25 @@ def streamed_thresholds(model: nn.Module, loader: Iterable, specs: Sequence[Laye
     setting = current_data_parallel()
     guard = setting.guard("scoring its training data") if setting else nullcontext()
     scores, labels = [], []
+    # states held per class until 64 of a class are there (_moments.ClassBuckets): each group
+    # reads a class's factor for many states, also when a shuffled batch holds few of each
+    buckets = ClassBuckets(fitted.n_classes, 64)
+
+    def score(groups: list[tuple[dict[str, Tensor], Tensor]]) -> None:
+        for states, classes in groups:
+            with torch.no_grad():
+                scores.append(log_density(states, classes))  # (n,) under the true classes
+            labels.append(classes)
+
     with guard:
         for batch in _batches(model, loader, specs, progress=progress, desc="fit: thresholds"):
-            if batch.labels is None or batch.input_shape != fitted.input_shape:
+            if batch.labels is None or batch.input_shape != fitted.input_shape or (
+                    batch.labels.numel() and not 0 <= int(batch.labels.min()) <= int(batch.labels.max())
+                    < fitted.n_classes):
                 raise ValueError("loader must yield the same (inputs, labels) on every pass of the fit; "
                                  f"batch {batch.index} differs from the first pass")
-            with torch.no_grad():
-                scores.append(log_density(batch.states, batch.labels))  # (B,)
-            labels.append(batch.labels)
+            score(buckets.add(batch.states, batch.labels))
+        score(buckets.drain())
         scores, labels = torch.cat(scores), torch.cat(labels)
         if setting is None:
             again = torch.bincount(labels, minlength=fitted.n_classes).tolist()
