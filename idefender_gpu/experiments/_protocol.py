@@ -111,8 +111,10 @@ class ProtocolConfig:
         return out
 
     def budget(self, device: torch.device) -> int | None:
-        """The detectors' memory budget (64 MiB on CPU unless set: larger GEMMs)."""
-        return self.memory_budget if self.memory_budget is not None or device.type == "cuda" else 64 << 20
+        """The detectors' memory budget: the one set, else the library's defaults (a small
+        budget would also push the hidden states of a fit with several components out of
+        memory: the EM passes would then re-run the model)."""
+        return self.memory_budget
 
 
 @dataclass

@@ -208,9 +208,9 @@ class BlackboxConfig:
     batch_size : int
         Batch size of attacks and scoring.
     memory_budget : int, optional
-        The detectors' ``memory_budget`` (bytes per chunk of the density kernels). Default:
-        64 MiB on CPU (larger GEMMs than the library's 8 MiB: about 20% faster scoring
-        here), the library's default on CUDA.
+        The detectors' ``memory_budget`` (bytes per chunk of the density kernels, and the
+        hidden states a fit with several components holds before it streams). Default: the
+        library's (its chunk sizes; states held up to a quarter of the memory).
     threat_models : tuple of str
         Subset of :data:`THREAT_MODELS`.
     attacks : tuple of AttackSetting
@@ -415,7 +415,7 @@ def run_blackbox(config: BlackboxConfig) -> dict[str, Any]:
         model_info["F"]["training"] = f"trained on the training set, {config.epochs} epochs"
 
     train_loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=1000)
-    budget = config.memory_budget if config.memory_budget is not None or device.type == "cuda" else 64 << 20
+    budget = config.memory_budget  # None: the library's defaults (see BlackBoxConfig)
     with timer("fit_idefender", f"I-defender: hidden states of {len(data.y_train)} training images, "
                                 f"class mixtures, ID-95 thresholds"):
         idefender = IDefender(F, list(config.layers), config.n_components,

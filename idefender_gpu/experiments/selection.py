@@ -231,7 +231,7 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
     timer = PhaseTimer(device)
     start = time.perf_counter()
     progress = config.progress
-    budget = config.memory_budget if config.memory_budget is not None or device.type == "cuda" else 64 << 20
+    budget = config.memory_budget  # None: the library's defaults (see BlackBoxConfig)
     with timer("data", "load the dataset"):
         data = load_checked(config)
         split, x_val, y_val = _validation_split(data, config.n_validation)
