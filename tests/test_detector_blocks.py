@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from idefender_gpu import IDefender, MahalanobisDetector, _files
 from idefender_gpu.detector import _densities, _io
 from idefender_gpu.exceptions import InvalidParameterError
+from test_files import _reference_digest  # the frozen version-1 digest (the oracle of both files)
 
 C, D = 8, 5
 
@@ -245,25 +245,6 @@ def test_memory_mapped_detector_survives_a_save_over_its_file(fitted, data, tmp_
     torch.testing.assert_close(again.score(xt), fitted.score(xt), rtol=0, atol=0)
 
 
-def _frozen_digest(marker, config_json, named):
-    """The version-1 digest as the first release computed it (a frozen copy)."""
-    sha = hashlib.sha256()
-
-    def put(data: bytes) -> None:
-        sha.update(len(data).to_bytes(8, "little"))
-        sha.update(data)
-
-    put(marker.encode())
-    put(config_json.encode())
-    for name in sorted(named):
-        tensor = named[name].contiguous()
-        put(name.encode())
-        put(str(tensor.dtype).encode())
-        put(json.dumps(list(tensor.shape)).encode())
-        put(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
-
-
 def test_file_in_the_first_layout_still_loads(fitted, data, tmp_path, monkeypatch):
     """A version-1 file as the first release wrote it: safetensors' own writer (its tensor
     order), a config built field by field here, the frozen digest."""
@@ -277,7 +258,7 @@ def test_file_in_the_first_layout_still_loads(fitted, data, tmp_path, monkeypatc
                          "max_iter": 100, "n_init": 1, "init_params": "kmeans", "random_state": None}}
     config_json = json.dumps(config, sort_keys=True)
     metadata = {"format": _io.FORMAT, "config": config_json,
-                "sha256": _frozen_digest(_io.FORMAT, config_json, named)}
+                "sha256": _reference_digest(_io.FORMAT, config_json, named)}
     path = tmp_path / "first.safetensors"
     path.write_bytes(safetensors.torch.save(named, metadata=metadata))
     monkeypatch.setattr(_files, "BLOCK_BYTES", 40)
