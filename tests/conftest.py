@@ -192,3 +192,31 @@ def pytest_collection_modifyitems(config, items):
         values = callspec.params.values() if callspec else ()
         if any(str(v) == "cuda" or str(v).startswith("cuda:") for v in values):
             item.add_marker(pytest.mark.gpu)
+
+
+#: ``status(field)``: a field of ``/proc/self/status`` in bytes (``VmRSS``, ``VmHWM``), for the
+#: scripts :func:`run_peak_rss` runs (put in front of them).
+PROC_STATUS = '''
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+'''
+
+
+def run_peak_rss(script, *args):
+    """Run ``PROC_STATUS + script`` in a fresh Python (one thread) and return the JSON record
+    of its last line. glibc's mmap threshold is fixed: its default rises after each freed
+    large block, so freed batches then stay in a fragmented heap and a peak (VmHWM) wanders
+    by tens of MB from run to run; with the threshold fixed, blocks are unmapped when freed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", PROC_STATUS + script, *map(str, args)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from idefender_gpu import IDefender, MahalanobisDetector, _files
 from idefender_gpu.detector import _densities, _io
 from idefender_gpu.exceptions import InvalidParameterError
+from conftest import run_peak_rss
 from test_files import _reference_digest  # the frozen version-1 digest (the oracle of both files)
 
 C, D = 8, 5
@@ -321,12 +322,6 @@ from torch import nn
 import safetensors, safetensors.torch
 from idefender_gpu import IDefender
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
 def growth(run):
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
@@ -372,15 +367,7 @@ def test_save_and_load_hold_one_copy(tmp_path):
     finiteness check makes no mask or copy); a bytes copy of the tensors (what the former
     writer made, through ``safetensors.torch``'s ``_tobytes``) and the former reader
     (memory-mapped pages, then a copy) grow by about 1x and 2x, so the measurement can fail."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(tmp_path / "d.safetensors")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr
-    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record = run_peak_rss(_PEAK_RSS, tmp_path / "d.safetensors")
     params = record["params"]
     assert record["save"] < 0.25 * params, record
     assert record["load"] < 1.3 * params, record

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from idefender_gpu import IDefender, MahalanobisDetector
 from idefender_gpu.detector._densities import class_tiles
 from idefender_gpu.detector._states import class_thresholds
+from conftest import run_peak_rss
 
 C, D = 12, 6
 
@@ -462,12 +463,6 @@ from torch import nn
 from idefender_gpu import IDefender
 from idefender_gpu.features import collect
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
 class OnTheFly:
     '''n_batches batches of 2000 states x 256 made on the fly (10 classes), the same on every pass.'''
     def __init__(self, n_batches):
@@ -502,20 +497,8 @@ def test_streamed_fit_memory_does_not_grow_with_the_number_of_batches():
     arrays of N = 200,000 scalars, about 10 MB), so its peak may grow by at most 24 MiB;
     collecting the states (what the fit did before) grows by more than 150 MB (so the
     measurement can fail)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     def peak(mode, n_batches):
-        # A fixed mmap threshold: glibc's default one rises after each freed large block, so
-        # freed 2 MB batches then stay in a fragmented heap and the peak wanders by 30 MB from
-        # run to run; with the threshold fixed every batch is unmapped when freed.
-        env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, mode, str(n_batches)], capture_output=True,
-                             text=True, timeout=300, env=env)
-        assert out.returncode == 0, out.stderr
-        record = json.loads(out.stdout.strip().splitlines()[-1])
+        record = run_peak_rss(_PEAK_RSS, mode, n_batches)
         return record["peak"] - record["base"]
 
     growth = peak("fit", 100) - peak("fit", 10)

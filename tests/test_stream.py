@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_blobs
+from conftest import make_blobs, run_peak_rss
 
 from idefender_gpu.mixture import BatchedGaussianMixture, GaussianMixture
 
@@ -146,12 +143,6 @@ _PEAK_RSS = textwrap.dedent(
     import torch
     from idefender_gpu.mixture import GaussianMixture
 
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(field)
-
     torch.set_num_threads(1)
     budget = None if sys.argv[1] == "none" else int(sys.argv[1])
     g = torch.Generator().manual_seed(0)
@@ -183,13 +174,7 @@ def test_memory_budget_bounds_peak_rss():
     """
 
     def peak(budget):
-        # glibc's mmap threshold fixed (its default rises after each freed large block and
-        # leaves freed chunks in a fragmented heap, so the peak wanders from run to run).
-        env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, budget], capture_output=True,
-                             text=True, timeout=300, env=env)
-        assert out.returncode == 0, out.stderr
-        record = json.loads(out.stdout.strip().splitlines()[-1])
+        record = run_peak_rss(_PEAK_RSS, budget)
         return record["peak"] - record["base"]
 
     budget = 4 * 2**20
