@@ -253,6 +253,8 @@ def test_format_records_renders_every_committed_file(path):
                 assert f"| {name} |" in text
     elif kind == "em_backends":
         assert text.count("\n| ") == len(record["rows"]) + 1  # the header row and one per point
+    elif kind == "detector_workload":  # one table row per fit variant or model
+        assert text.count(f"\n| {record['workload']['name']}") == len(record["results"])
     else:
         assert kind.startswith("data-parallel EM")
         for row in record["results"]:
@@ -268,7 +270,9 @@ def test_load_records_reads_every_kind_of_the_committed_folder():
     assert "| a: 60000x128, G=10, K=5, full |" in text and "| ctype | D | K | N |" in text
     summary = format_summary(records).splitlines()
     workloads = [r for r in records if r["benchmark"] == "em_workload"]
-    assert len(summary) == sum(len(r.get("results", {None: 0})) for r in workloads)
+    detectors = [r for r in records if r["benchmark"] == "detector_workload"]
+    assert len(summary) == (sum(len(r.get("results", {None: 0})) for r in workloads)
+                            + sum(len(r["results"]) for r in detectors))
     assert any(line.startswith("a (60000x128, G=10, K=5, full) idefender_gpu[torch] on cpu: ")
                and "% of the FP32 matmul rate; fit " in line for line in summary)
     assert any(line.startswith("c1 (1281167x4096, G=1000, K=1, full): skipped: GPU-only")
