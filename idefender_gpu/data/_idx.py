@@ -1,4 +1,5 @@
-"""MNIST and Fashion-MNIST from local IDX files first, torchvision's download last.
+"""MNIST and Fashion-MNIST from local IDX files first, torchvision's download last (private:
+the public names live in :mod:`idefender_gpu.data`).
 
 The four IDX files of either dataset (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
 ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; the dotted
@@ -20,13 +21,6 @@ no folder is named, nothing is found and ``download=True`` does torchvision down
 files (into the cache folder; a failed download leaves nothing behind). Otherwise
 :class:`DatasetNotFoundError` says what was missing, lists every folder it looked in and how
 to get the data, in the words of the Python API or of the command (``wording=``).
-
-Examples
---------
->>> from idefender_gpu.data import load_dataset
->>> data = load_dataset("fashion-mnist")                      # doctest: +SKIP
->>> data.x_train.shape, data.x_train.dtype, data.y_train.shape  # doctest: +SKIP
-(torch.Size([60000, 1, 28, 28]), torch.float32, torch.Size([60000]))
 """
 
 from __future__ import annotations
@@ -36,25 +30,24 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from idefender_gpu.exceptions import DatasetNotFoundError  # noqa: F401 - re-exported
 
-__all__ = [
-    "DATASETS",
-    "Dataset",
-    "DatasetNotFoundError",
-    "cache_dir",
-    "find_dataset",
-    "load_dataset",
-    "read_idx",
-    "search_dirs",
-]
+from idefender_gpu.data._common import (
+    Dataset,
+    _check_wording,
+    _download_failed,
+    _named_folder,
+    _new_top,
+    _remove_empty_dirs,
+    cache_dir,
+)
+from idefender_gpu.exceptions import DatasetNotFoundError
 
 #: IDX type codes (third byte of the magic number) -> big-endian NumPy dtypes.
 _IDX_DTYPES = {
@@ -164,17 +157,6 @@ def read_idx(path: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """The cache folder: ``$IDEFENDER_CACHE``, else ``$XDG_CACHE_HOME/idefender-gpu``, else
-    ``~/.cache/idefender-gpu`` (checkpoints and downloads live under it)."""
-    env = os.environ.get("IDEFENDER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "idefender-gpu"
-
-
 def _canonical(name: Any) -> str:
     if not isinstance(name, str):
         raise TypeError(f"dataset must be a str; got {type(name).__name__}")
@@ -182,29 +164,6 @@ def _canonical(name: Any) -> str:
     if key not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}; got {name!r}")
     return key
-
-
-#: How the not-found message names the ways to point at the data, per ``wording``.
-_WORDS = {
-    "python": {"root": "root=DIR", "env": "IDEFENDER_DATA", "download": "pass download=True"},
-    "command": {"root": "--data DIR", "env": "IDEFENDER_DATA", "download": "run without --no-download"},
-}
-
-
-def _check_wording(wording: Any) -> dict[str, str]:
-    if wording not in _WORDS:
-        raise ValueError(f"wording must be one of {sorted(_WORDS)}; got {wording!r}")
-    return _WORDS[wording]
-
-
-def _named_folder(root: Any) -> tuple[Path, str] | None:
-    """The folder the user named, and by which means (``'root'`` or ``'env'``), if any."""
-    if root is not None:
-        return Path(root).expanduser(), "root"
-    env = os.environ.get("IDEFENDER_DATA")
-    if env:
-        return Path(env).expanduser(), "env"
-    return None
 
 
 def search_dirs(name: str, root: Any = None) -> list[Path]:
@@ -290,7 +249,7 @@ def _not_found_message(spec: _Spec, root: Any, words: dict[str, str]) -> str:
     return f"{first}\nLooked in:\n{looked}\nTo get them:\n{_how_to_get(spec, words)}"
 
 
-def find_dataset(name: str, root: Any = None, *, wording: str = "python") -> dict[str, Path]:
+def find_files(name: str, root: Any = None, *, wording: str = "python") -> dict[str, Path]:
     """Locate the four IDX files of ``name`` (no download).
 
     Parameters
@@ -328,66 +287,6 @@ def find_dataset(name: str, root: Any = None, *, wording: str = "python") -> dic
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """A loaded image classification dataset, images in ``[0, 1]``.
-
-    Attributes
-    ----------
-    name : str
-        Canonical name (``'fashion-mnist'`` or ``'mnist'``).
-    x_train, x_test : Tensor of float32, shape (N, 1, 28, 28)
-        Pixel values divided by 255.
-    y_train, y_test : Tensor of int64, shape (N,)
-    classes : tuple of str
-    source : Path
-        Folder the files were read from.
-    sha256 : str
-        SHA-256 over the raw pixel and label bytes of both splits (a content hash that does
-        not depend on compression or file names); checkpoints are keyed by it.
-    """
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    classes: tuple[str, ...]
-    source: Path
-    sha256: str = field(repr=False)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
-        """The first ``n_train`` training and ``n_test`` test samples (None: all).
-
-        The hash covers the subset (so cached models trained on it are keyed apart).
-        """
-        x_train, y_train = self.x_train[:n_train], self.y_train[:n_train]
-        x_test, y_test = self.x_test[:n_test], self.y_test[:n_test]
-        if n_train is None and n_test is None:
-            return self
-        sha = hashlib.sha256(f"{self.sha256}:{len(x_train)}:{len(x_test)}".encode()).hexdigest()
-        return Dataset(self.name, x_train, y_train, x_test, y_test, self.classes, self.source, sha)
-
-
-def _remove_empty_dirs(leaf: Path, top: Path | None) -> None:
-    """Remove ``leaf`` and its parents up to ``top`` (included) while they are empty."""
-    if top is None:
-        return
-    folder = leaf
-    while True:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty, or gone
-            return
-        if folder == top or folder.parent == folder:
-            return
-        folder = folder.parent
-
-
 def _download(spec: _Spec) -> Path:
     """torchvision's download of both splits into the cache; returns the raw folder.
 
@@ -401,7 +300,7 @@ def _download(spec: _Spec) -> Path:
                           f"matches torch {torch.__version__})") from exc
 
     root = cache_dir() / "data"
-    top = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
+    top = _new_top(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-download-", dir=root))
     try:
@@ -434,7 +333,7 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, n_classes: in
         raise ValueError(f"{what} labels must be in [0, {n_classes}); got {int(labels.max())}")
 
 
-def load_dataset(name: str, root: Any = None, *, download: bool = False, wording: str = "python") -> Dataset:
+def load(name: str, root: Any = None, *, download: bool = False, wording: str = "python") -> Dataset:
     """Load MNIST or Fashion-MNIST from local IDX files (or torchvision's download).
 
     Parameters
@@ -467,20 +366,15 @@ def load_dataset(name: str, root: Any = None, *, download: bool = False, wording
     spec = DATASETS[_canonical(name)]
     _check_wording(wording)
     try:
-        files = find_dataset(spec.name, root, wording=wording)
+        files = find_files(spec.name, root, wording=wording)
     except DatasetNotFoundError as not_found:
         if not download or _named_folder(root) is not None:
             raise
         try:
             _download(spec)
         except Exception as exc:  # no torchvision, no network, a broken mirror: say so after the help
-            reason = " ".join(str(exc).split())
-            reason = reason if len(reason) <= 300 else reason[:297] + "..."
-            raise DatasetNotFoundError(
-                f"{not_found}\nThe download with torchvision failed too: {type(exc).__name__}"
-                + (f": {reason}" if reason else "")
-            ) from exc
-        files = find_dataset(spec.name, root, wording=wording)
+            raise DatasetNotFoundError(_download_failed(not_found, exc)) from exc
+        files = find_files(spec.name, root, wording=wording)
     sha = hashlib.sha256()
     arrays = {}
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
