@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from idefender_gpu import IDefender
-from idefender_gpu import models as models_module
+from idefender_gpu.models import _paper as models_module  # where load_or_train looks up train
 from idefender_gpu.data import Dataset
 from idefender_gpu.features import hidden_states
 from idefender_gpu.models import (

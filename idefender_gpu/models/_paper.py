@@ -1,4 +1,4 @@
-"""Models E and F of the paper's Table 1, seeded training, and a safetensors checkpoint cache.
+"""Models E and F of the paper's Table 1, seeded training, and a safetensors checkpoint cache (private).
 
 Model E (the attacker's substitute in the black-box experiment) is a multi-layer perceptron,
 model F (the defended classifier) a small CNN, both for 28x28 grey images (MNIST,
@@ -54,7 +54,8 @@ __all__ = [
     "MODELS",
     "ModelE",
     "ModelF",
-    "build_model",
+    "TRAIN_DEFAULTS",
+    "build_paper_model",
     "checkpoint_key",
     "evaluate",
     "load_checkpoint",
@@ -132,8 +133,10 @@ class ModelF(nn.Sequential):
 MODELS: dict[str, type[nn.Module]] = {"E": ModelE, "F": ModelF}
 
 
-def build_model(name: str, n_classes: int = 10) -> nn.Module:
+def build_paper_model(name: str, n_classes: int = 10) -> nn.Module:
     """A fresh Model ``"E"`` or ``"F"`` for 1x28x28 inputs (uses the global torch RNG).
+
+    :func:`idefender_gpu.models.build_model` is the public builder of every architecture.
 
     Raises
     ------
@@ -335,6 +338,11 @@ def evaluate(model: nn.Module, x: Tensor, *, batch_size: int = 1000) -> Tensor:
 
 
 def _architecture(model: nn.Module) -> str:
+    """The architecture name a checkpoint records: the model's ``architecture`` attribute
+    (``"wrn-34-8"``, ``"vgg19"``), ``"E"`` / ``"F"``, else the class name."""
+    named = getattr(model, "architecture", None)
+    if isinstance(named, str):
+        return named
     for name, cls in MODELS.items():
         if type(model) is cls:
             return name
@@ -468,7 +476,7 @@ def load_or_train(name: str, dataset: Any, *, seed: int = 0, epochs: int = 5, de
         If the cached file exists but fails :func:`load_checkpoint`'s checks (it is never
         overwritten silently: delete it to retrain).
     """
-    model = build_model(name, dataset.n_classes)
+    model = build_paper_model(name, dataset.n_classes)
     hyper = {k: v for k, v in train_kwargs.items() if k in ("batch_size", "lr")}
     key = checkpoint_key(dataset.name, dataset.sha256, name, seed, epochs, **hyper)
     path, cached = _cached(model, key, cache, use_cache, device)
@@ -503,7 +511,7 @@ def load_or_train_substitute(dataset: Any, oracle: nn.Module, oracle_key: str, *
     info : dict
         As :func:`load_or_train`, plus ``n_substitute_train`` and ``oracle_queries``.
     """
-    model = build_model(name, dataset.n_classes)
+    model = build_paper_model(name, dataset.n_classes)
     key = checkpoint_key(dataset.name, dataset.sha256, f"{name}sub", seed, epochs, oracle=oracle_key,
                          holdout=holdout, rounds=rounds, lmbda=lmbda)
     path, cached = _cached(model, key, cache, use_cache, device)
