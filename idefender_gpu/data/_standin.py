@@ -169,7 +169,7 @@ class StandInImageFolder(TorchDataset):
         generator = _generator(self.seed, self._stream, index + 1)
         pixels = _render(self._patterns, torch.tensor([label]), self.raw_size, generator)[0]  # (3, H, W)
         array = pixels.mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
-        image = Image.fromarray(array, mode="RGB")
+        image = Image.fromarray(array)  # (H, W, 3) uint8: RGB
         return (self.transform(image) if self.transform is not None else image), label
 
 
