@@ -137,6 +137,11 @@ def _register_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true",
                         help="never download the dataset (without it, torchvision downloads it when no folder is "
                              "named and no local files are found)")
+    parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
+                        help=f"use only the first N training images (with --stand-in: N random images, default "
+                             f"{STAND_IN['n_train']}; 50000 gives an epoch of the real size)")
+    parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
+                        help=f"use only the first N test images (with --stand-in: default {STAND_IN['n_test']})")
     parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                         help="epochs (default 200; 2 with --stand-in)")
     parser.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="default %(default)s")
@@ -192,12 +197,13 @@ def _run_train(args: argparse.Namespace) -> int:
             print(STAND_IN_NOTE)
             from idefender_gpu.data import stand_in_dataset
 
-            data = stand_in_dataset(args.dataset, n_train=STAND_IN["n_train"], n_test=STAND_IN["n_test"],
-                                    seed=args.seed)
+            data = stand_in_dataset(args.dataset, n_train=args.n_train or STAND_IN["n_train"],
+                                    n_test=args.n_test or STAND_IN["n_test"], seed=args.seed)
         else:
             from idefender_gpu.data import load_dataset
 
             data = load_dataset(args.dataset, args.data, download=not args.no_download, wording="command")
+            data = data.subset(args.n_train, args.n_test)
         model = build_model(model_name, data.n_classes)
         info = {"dataset": data.name, "data_sha256": data.sha256, "model": model_name,
                 "stand_in": bool(args.stand_in)}
@@ -209,6 +215,7 @@ def _run_train(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - started
     last = result["history"][-1] if result["history"] else {}
     summary = {**({"note": STAND_IN_NOTE} if args.stand_in else {}), **info, "hidden_layer": hidden_layer(model_name),
+               "n_train": int(data.x_train.shape[0]), "n_test": int(data.x_test.shape[0]),
                "config": config.to_json(), "device": result["device"], "amp": result["amp"],
                "epochs_done": result["epoch"], "test_accuracy": last.get("test_accuracy"),
                "seconds_this_run": seconds, "torch": torch.__version__, "history": result["history"]}

@@ -146,13 +146,14 @@ def small_stand_in(monkeypatch):
 
 def test_stand_in_command(tmp_path, capsys, small_stand_in):
     out = tmp_path / "run"
-    args = ["train", "--stand-in", "--out", str(out), "--batch-size", "8", "--quiet", "--device", "cpu"]
+    args = ["train", "--stand-in", "--out", str(out), "--batch-size", "8", "--quiet", "--device", "cpu", "--n-test", "4"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("STAND-IN RUN, NOT A REPRODUCTION")
     summary = json.loads((out / "train.json").read_text())
     assert next(iter(summary)) == "note" and summary["stand_in"] is True and summary["epochs_done"] == 1
     assert summary["model"] == "wrn-10-1" and summary["hidden_layer"] == "fc:input"
+    assert summary["n_train"] == 16 and summary["n_test"] == 4
     assert load_checkpoint(out / "model.safetensors", build_model("wrn-10-1"))["stand_in"] is True
     assert cli.main(args) == 2  # a training state is never overwritten silently
     assert "already holds a training state" in capsys.readouterr().err
