@@ -17,6 +17,7 @@ from conftest import PicklePayload
 
 from idefender_gpu.data import (
     CIFAR_CLASSES,
+    DATASET_NAMES,
     DatasetNotFoundError,
     find_dataset,
     load_dataset,
@@ -224,5 +225,6 @@ def test_download_without_torchvision_says_so(isolated, monkeypatch):
 
 
 def test_bad_names_list_every_dataset():
+    assert DATASET_NAMES == ("cifar10", "fashion-mnist", "mnist")
     with pytest.raises(ValueError, match=r"dataset must be one of \['cifar10', 'fashion-mnist', 'mnist'\]"):
         load_dataset("cifar-100")

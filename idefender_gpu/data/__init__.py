@@ -56,13 +56,14 @@ from idefender_gpu.data._imagenet import (
     imagenet_folder,
     imagenet_transform,
 )
-from idefender_gpu.data._load import find_dataset, load_dataset, search_dirs
+from idefender_gpu.data._load import DATASET_NAMES, find_dataset, load_dataset, search_dirs
 from idefender_gpu.data._standin import STAND_INS, StandInImageFolder, stand_in_dataset, stand_in_imagenet_folder
 from idefender_gpu.exceptions import DatasetNotFoundError
 
 __all__ = [
     "CIFAR_CLASSES",
     "DATASETS",
+    "DATASET_NAMES",
     "Dataset",
     "DatasetNotFoundError",
     "IMAGENET_MEAN",

@@ -229,16 +229,25 @@ def load(name: str, root: Any = None, *, download: bool = False, wording: str = 
     sha = hashlib.sha256()
     splits = {}
     for split, names in BATCHES.items():
-        parts = []
+        # one float32 buffer per split, filled batch by batch: the peak is the result plus one file
+        n_total = sum(files[f].stat().st_size // RECORD for f in names)
+        images = torch.empty((n_total, 3, 32, 32), dtype=torch.float32)  # (N, 3, 32, 32)
+        labels = torch.empty((n_total,), dtype=torch.int64)  # (N,)
+        start = 0
         for file_name in names:
             raw = files[file_name].read_bytes()
             sha.update(file_name.encode())
             sha.update(raw)
-            parts.append(_parse_batch(raw, files[file_name], len(classes)))
-        images = np.concatenate([p[0] for p in parts])  # (N, 3, 32, 32)
-        labels = np.concatenate([p[1] for p in parts])  # (N,)
-        splits[split] = (torch.from_numpy(images).to(torch.float32).div_(255.0),
-                         torch.from_numpy(labels.astype(np.int64)))
+            batch_images, batch_labels = _parse_batch(raw, files[file_name], len(classes))
+            if start + len(batch_labels) > n_total:
+                raise ValueError(f"{str(files[file_name])!r} changed while it was read")
+            stop = start + len(batch_labels)
+            images[start:stop] = torch.from_numpy(batch_images)
+            labels[start:stop] = torch.from_numpy(batch_labels)
+            start = stop
+        if start != n_total:
+            raise ValueError(f"the {split} batches of {name} changed while they were read")
+        splits[split] = (images.div_(255.0), labels)
     return Dataset(
         name=name, x_train=splits["train"][0], y_train=splits["train"][1],
         x_test=splits["test"][0], y_test=splits["test"][1], classes=classes,

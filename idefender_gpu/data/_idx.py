@@ -80,7 +80,7 @@ class _Spec:
     classes: tuple[str, ...]
 
 
-#: Datasets known to :func:`load_dataset`, by canonical name.
+#: The IDX datasets (MNIST family) known to :func:`load_dataset`, by canonical name.
 DATASETS: dict[str, _Spec] = {
     "fashion-mnist": _Spec(
         "fashion-mnist", ("fashion-mnist", "fashion_mnist", "FashionMNIST", "FashionMNIST/raw"),

@@ -17,6 +17,11 @@ from idefender_gpu.data import _cifar, _idx
 from idefender_gpu.data._common import Dataset, _check_wording
 
 
+#: Every name :func:`load_dataset` loads (canonical spelling), e.g. for a command's ``--dataset``
+#: choices; ImageNet is a folder (:func:`~idefender_gpu.data.imagenet_folder`), not in memory.
+DATASET_NAMES: tuple[str, ...] = tuple(sorted({*_idx.DATASETS, *_cifar.CIFAR_CLASSES}))
+
+
 def _readers() -> dict[str, ModuleType]:
     """Canonical name -> reader module (built on each call: tests patch ``DATASETS``)."""
     return {**{name: _idx for name in _idx.DATASETS}, **{name: _cifar for name in _cifar.CIFAR_CLASSES}}
