@@ -125,7 +125,7 @@ def _register_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       "end-to-end run on random images)",
         description="Train a WideResNet (Zagoruyko & Komodakis, 2016) on CIFAR-10: random crops with 4-pixel "
                     "padding and horizontal flips, SGD with Nesterov momentum 0.9 and weight decay 5e-4, the "
-                    "rate x0.2 at 30%%, 60%% and 80%% of the epochs, mixed precision on CUDA. After every epoch "
+                    "rate x0.2 at 30%, 60% and 80% of the epochs, mixed precision on CUDA. After every epoch "
                     "OUT/checkpoint.safetensors holds the training state (--resume continues it); at the end "
                     "OUT/model.safetensors holds the weights and OUT/train.json the history.")
     parser.add_argument("--model", type=_wrn_name, default=None, metavar="NAME",

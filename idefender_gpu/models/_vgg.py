@@ -13,7 +13,9 @@ idefender-gpu model checkpoint; or a PyTorch ``.pth`` state dict read with
 from torchvision's cache folder (``torch.hub.get_dir()/checkpoints/vgg19-dcbb9e9d.pth``, the
 file ``torchvision.models.vgg19(weights="IMAGENET1K_V1")`` leaves there). With weights, the
 model is built on the ``meta`` device and the file's tensors are assigned to it, so 143M
-parameters are not initialised only to be overwritten. A missing file, a pickle with code in
+parameters are not initialised only to be overwritten (a ``.pth`` file is read with
+``mmap=True``: its parameters are views of a private memory map of the file until the model
+is moved to another device; keep the file in place meanwhile). A missing file, a pickle with code in
 it, or tensors whose names or shapes differ from the architecture's raise an error naming
 the file and what differs.
 """
