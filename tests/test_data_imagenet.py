@@ -153,6 +153,7 @@ def test_stand_in_dataset_imagenet_and_arguments():
     ds = stand_in_dataset("imagenet", n_train=3, n_test=2)
     assert ds.x_train.shape == (3, 3, 224, 224) and ds.n_classes == 1000 and ds.name == "imagenet-stand-in"
     assert stand_in_dataset("imagenet", 4, 2, n_classes=2).n_classes == 2
+    assert stand_in_dataset("CIFAR-10", 10, 10).name == "cifar10-stand-in"
     with pytest.raises(InvalidParameterError, match="The 'name' parameter of stand_in_dataset"):
         stand_in_dataset("mnist")
     with pytest.raises(InvalidParameterError, match="The 'n_train' parameter"):

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset as TorchDataset
 
 from idefender_gpu._param_validation import Interval, Options, check_param
-from idefender_gpu.data._cifar import CIFAR_CLASSES
+from idefender_gpu.data._cifar import ALIASES, CIFAR_CLASSES
 from idefender_gpu.data._common import Dataset
 from idefender_gpu.data._imagenet import _TRANSFORM, _resolve_transform
 
@@ -73,6 +73,11 @@ def _render(patterns: Tensor, labels: Tensor, size: tuple[int, int], generator: 
     return out
 
 
+def _canonical(name: Any) -> Any:
+    """``name`` in its canonical spelling ('CIFAR-10' -> 'cifar10'), if it is a str."""
+    return ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+
+
 def _check_common(name: Any, n_classes: Any, seed: Any, owner: str) -> StandIn:
     check_param(name, "name", [Options(str, set(STAND_INS))], owner)
     spec = STAND_INS[name]
@@ -88,7 +93,7 @@ def stand_in_dataset(name: str, n_train: int | None = None, n_test: int | None =
     Parameters
     ----------
     name : {'cifar10', 'imagenet'}
-        ``'cifar10'``: (3, 32, 32) images, its 10 class names. ``'imagenet'``: (3, 224, 224)
+        Case-insensitive; 'cifar-10' is accepted too. ``'cifar10'``: (3, 32, 32) images, its 10 class names. ``'imagenet'``: (3, 224, 224)
         images, 1000 classes named ``class-0000`` ... (keep ``n_train`` small: 0.6 MB an image).
     n_train, n_test : int, optional
         Sizes; default 1000 / 200 for 'cifar10', 64 / 32 for 'imagenet'.
@@ -113,6 +118,7 @@ def stand_in_dataset(name: str, n_train: int | None = None, n_test: int | None =
     ('cifar10-stand-in', (40, 3, 32, 32), 10)
     """
     owner = "stand_in_dataset"
+    name = _canonical(name)
     spec = _check_common(name, n_classes, seed, owner)
     for value, label in ((n_train, "n_train"), (n_test, "n_test")):
         check_param(value, label, [None, Interval(Integral, 1, None)], owner)
