@@ -7,21 +7,21 @@ to totals; the next chunk reuses the same buffers. No ``(G, N, K)`` tensor is fo
 the largest intermediate is one chunk's ``(G, c, K*D)`` (full) or ``(G, c, K)``, sized
 to the cache by :func:`~._chunks.pass_rows`.
 
-The totals are those of :func:`~._dense.shifted_statistics` centred on the current
-means (``centres = means``), plus ``Σ_n w_n log p(x_n)`` per group, so
+The totals are those of :func:`~._dense.shifted_statistics` centred on ``centres`` (by
+default the current means), plus ``Σ_n w_n log p(x_n)`` per group, so
 :func:`~._dense.statistics_to_parameters` turns them into the new parameters exactly as
 for a streamed or data-parallel fit, and they add up across batches and ranks.
 
-How each covariance type gets its statistics from the chunk (``x̃ = x - c̄``, ``μ̃ = μ -
-c̄``, centred on the mean of the component means ``c̄`` before any product, as in the
-E-step):
+How each covariance type gets its statistics from the chunk (``x̃ = x - c̄``, ``s̃ = s -
+c̄`` for the statistics' centres ``s_k``, centred on their mean ``c̄`` before any product,
+as in the E-step):
 
-* full: ``counts = Σ r``, ``first = Σ r x̃ - counts μ̃`` (one GEMM), ``second = Σ r (x -
-  μ_k)(x - μ_k)ᵀ`` as the Gram matrix of ``√r (x̃ - μ̃_k)`` (one batched GEMM: centred
-  on each current mean);
+* full: ``counts = Σ r``, ``first = Σ r x̃ - counts s̃`` (one GEMM), ``second = Σ r (x -
+  s_k)(x - s_k)ᵀ`` as the Gram matrix of ``√r (x̃ - s̃_k)`` (one batched GEMM: centred
+  on each component's centre);
 * diag / spherical: one GEMM ``[x̃², x̃, 1]ᵀ r`` (the E-step's own ``[x̃², x̃, 1]``
-  buffer) gives ``Σ r x̃²``, ``Σ r x̃`` and the counts; re-centred on the current means
-  at the end, ``second = Σ r x̃² - 2 μ̃ Σ r x̃ + counts μ̃²``: the shifted-data algorithm
+  buffer) gives ``Σ r x̃²``, ``Σ r x̃`` and the counts; re-centred on the centres
+  at the end, ``second = Σ r x̃² - 2 s̃ Σ r x̃ + counts s̃²``: the shifted-data algorithm
   of :func:`~._dense._covariances_diag`, cancelling only the spread of the means about
   ``c̄`` (no ``(G, c, K, D)`` work);
 * tied: ``first`` as for full, ``second = Σ_n w_n x̃ x̃ᵀ`` with ``w_n = Σ_k r_nk``.
@@ -86,11 +86,13 @@ class _Pass:
     """The buffers and the per-chunk steps of one :func:`em_pass` (one covariance type)."""
 
     def __init__(self, X: Tensor, log_weights: Tensor, means: Tensor, prec_chol: Tensor,
-                 covariance_type: str, rows: int) -> None:
+                 covariance_type: str, rows: int, centres: Tensor) -> None:
         G, K, D = means.shape
         self.G, self.K, self.D, self.ctype = G, K, D, covariance_type
-        self.centre = _group_centre(means, False)  # (G, 1, D)
+        self.centre = _group_centre(centres, False)  # (G, 1, D)
         self.mu = means - self.centre  # (G, K, D), centred means
+        # the centres of the statistics, centred (the same tensor when they are the means)
+        self.shift = self.mu if centres is means else centres - self.centre  # (G, K, D)
         log_det = log_det_prec_chol(prec_chol, covariance_type, D)  # (G, K) or (G,)
         if covariance_type == "tied":
             log_det = log_det.unsqueeze(-1)  # (G, 1)
@@ -175,7 +177,7 @@ class _Pass:
         if self.ctype == "full":
             xc = _view(self.x_aug, G, c, D + 1)[..., :D]  # (G, c, D)
             self.first.baddbmm_(resp.mT, xc)
-            scaled = torch.sub(xc.unsqueeze(1), self.mu.unsqueeze(2),  # (G, K, c, D)
+            scaled = torch.sub(xc.unsqueeze(1), self.shift.unsqueeze(2),  # (G, K, c, D)
                                out=_view(self.y, G, K, c, D))
             sqrt_resp = torch.sqrt(resp, out=_view(self.sqrt_resp, G, c, K))
             scaled.mul_(sqrt_resp.mT.unsqueeze(-1))
@@ -187,15 +189,15 @@ class _Pass:
             self.second.baddbmm_(scaled.mT, scaled)
 
     def totals(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(counts, first, second)`` centred on the current means (tied: on ``c̄``)."""
-        D = self.D
+        """``(counts, first, second)`` centred on the centres (tied: on ``c̄``)."""
+        D, shift = self.D, self.shift
         if self.ctype in ("diag", "spherical"):
             moments = self.moments.mT  # (G, K, 2D+1)
             sq, lin, counts = moments[..., :D], moments[..., D:2 * D], moments[..., 2 * D]
-            first = lin - counts.unsqueeze(-1) * self.mu  # (G, K, D)
-            second = sq - 2 * self.mu * lin + counts.unsqueeze(-1) * self.mu.square()
+            first = lin - counts.unsqueeze(-1) * shift  # (G, K, D)
+            second = sq - 2 * shift * lin + counts.unsqueeze(-1) * shift.square()
             return counts.contiguous(), first, second.contiguous()
-        first = self.first - self.counts.unsqueeze(-1) * self.mu
+        first = self.first - self.counts.unsqueeze(-1) * shift
         return self.counts, first, self.second
 
 
@@ -210,6 +212,7 @@ def em_pass(
     sample_weight: Tensor | None = None,
     memory_budget: int | None = None,
     rows: int | None = None,
+    centres: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One EM pass: log-likelihood sums and sufficient statistics, chunk by chunk.
 
@@ -220,7 +223,7 @@ def em_pass(
     log_weights : Tensor
         ``(G, K)``.
     means : Tensor
-        ``(G, K, D)``, the current means (the statistics are centred on them).
+        ``(G, K, D)``, the current means.
     prec_chol : Tensor
         Shape per ``covariance_type`` (see :mod:`._linalg`), leading G.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
@@ -231,13 +234,17 @@ def em_pass(
         :func:`~._chunks.pass_rows` sizes chunks to the cache (CPU).
     rows : int, optional
         Rows per chunk, overriding ``memory_budget``.
+    centres : Tensor, optional
+        ``(G, K, D)``, where the statistics are centred (default: ``means``; the EM loop
+        keeps them while the means move little, see ``mixture._core.sticky_centres``).
+        The samples are centred on their mean ``c̄`` per group before every product.
 
     Returns
     -------
     log_lik : Tensor
         ``(G,)``, ``Σ_n w_n log p(x_n)``.
     counts, first, second : Tensor
-        The totals of :func:`~._dense.shifted_statistics` with ``centres = means``: ``(G,
+        The totals of :func:`~._dense.shifted_statistics` with these ``centres``: ``(G,
         K)``, ``(G, K, D)``, and full ``(G, K, D, D)``, tied ``(G, D, D)``, diag and
         spherical ``(G, K, D)``. Same dtype/device as ``X``.
     """
@@ -247,7 +254,8 @@ def em_pass(
         bytes_per_row = pass_bytes_per_row(covariance_type, G, K, D, X.element_size())
         rows = pass_rows(N, bytes_per_row, memory_budget, X.device)
     rows = max(1, min(int(rows), max(N, 1)))
-    state = _Pass(X, log_weights, means, prec_chol, covariance_type, rows)
+    state = _Pass(X, log_weights, means, prec_chol, covariance_type, rows,
+                  means if centres is None else centres)
     # exp() whose result is subnormal (or underflows) runs 25-70x slower on CPU, and
     # subnormal responsibilities slow the GEMMs: exponents are floored where
     # exp(floor) / K is still a normal number (a responsibility < 1e-34 in float32,

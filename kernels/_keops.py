@@ -192,9 +192,10 @@ def sufficient_statistics(
     sample_weight: Tensor | None = None,
     memory_budget: int | None = None,
     rows_per_slice: int | None = None,
+    centres: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The M-step's sums over samples, centred on the current means, responsibilities
-    recomputed lazily.
+    """The M-step's sums over samples, centred on ``centres`` (default: the current
+    means), responsibilities recomputed lazily.
 
     ``r_ij = exp(log w_j + log N(x_i | j) - log p(x_i)) · s_i`` (``s_i`` the sample weight,
     zero on padding) is never stored. One KeOps reduction over the samples gives, per
@@ -220,6 +221,8 @@ def sufficient_statistics(
         Bytes for the dense chunks of the tied second moment.
     rows_per_slice : int, optional
         Samples per slice of the reduction's chunk axis (default :data:`REDUCTION_ROWS`).
+    centres : Tensor, optional
+        ``(G, K, D)``: ``m_j`` above is ``centres[j]`` (tied: ``c̄`` is their mean).
 
     Returns
     -------
@@ -240,7 +243,7 @@ def sufficient_statistics(
     # padding rows: zero samples whose log p(x) is the largest finite value, so their
     # responsibilities underflow to 0 (no infinity, whatever math flags KeOps compiles with)
     Xs = _sliced(X, n_slices, rows, 0.0)  # (G, S, n, D)
-    weighted, x_i, mu_j = _weighted_log_prob(Xs, log_weights, means, prec_chol, covariance_type)
+    weighted, x_i, _ = _weighted_log_prob(Xs, log_weights, means, prec_chol, covariance_type)
     norm_s = _sliced(log_prob_norm, n_slices, rows, torch.finfo(X.dtype).max)  # (G, S, n)
     log_norm_i = LazyTensor(norm_s.reshape(G, n_slices, rows, 1, 1).contiguous())
     # the sample weight is always a variable (ones when omitted): one formula per
@@ -249,7 +252,12 @@ def sufficient_statistics(
     weight_s = _sliced(weight, n_slices, rows, 0.0)  # (G, S, n)
     resp = (weighted - log_norm_i).exp()  # (G, S, n, K) symbolic
     resp = resp * LazyTensor(weight_s.reshape(G, n_slices, rows, 1, 1).contiguous())
-    diff = x_i - mu_j  # (G, S, n, K, D) symbolic
+    # the statistics' centres are always their own variable (one formula, whether or not
+    # they are the means)
+    centres = means if centres is None else centres
+    _check(X=X, centres=centres)
+    s_j = LazyTensor(centres.reshape(G, 1, 1, K, D).contiguous())  # (G, 1, 1, K, D)
+    diff = x_i - s_j  # (G, S, n, K, D) symbolic
     if covariance_type == "full":
         second = diff.tensorprod(diff)  # D*D
     elif covariance_type in ("diag", "spherical"):
@@ -264,7 +272,7 @@ def sufficient_statistics(
         return counts, first, sums[..., 1 + D :].reshape(G, K, D, D)
     if covariance_type in ("diag", "spherical"):
         return counts, first, sums[..., 1 + D :]
-    shift = means.mean(-2, keepdim=True)  # (G, 1, D), as statistics_to_parameters expects
+    shift = centres.mean(-2, keepdim=True)  # (G, 1, D), as statistics_to_parameters expects
     return counts, first, tied_second_moment(X, weight, shift, memory_budget=memory_budget)
 
 

@@ -43,9 +43,10 @@ class DenseEM:
     @staticmethod
     def pass_statistics(X, weight, params, covariance_type, memory_budget):
         """One pass over ``X (G, N, D)``: ``(Σ log p(x) (G,), counts, first, second)``,
-        the statistics centred on ``params.means`` (:func:`kernels.shifted_statistics`'s)."""
+        the statistics centred on ``params.stats_centres`` (:func:`kernels.shifted_statistics`'s)."""
         return kernels.em_pass(X, params.weights.log(), params.means, params.prec_chol,
-                               covariance_type, sample_weight=weight, memory_budget=memory_budget)
+                               covariance_type, sample_weight=weight, memory_budget=memory_budget,
+                               centres=params.stats_centres)
 
     @staticmethod
     def log_prob_norm(X, params, covariance_type, memory_budget):
@@ -70,7 +71,7 @@ class KeOpsEM:
                                              covariance_type)  # (G, N)
         stats = _keops.sufficient_statistics(
             X, log_prob_norm, log_weights, params.means, params.prec_chol, covariance_type,
-            sample_weight=weight, memory_budget=memory_budget,
+            sample_weight=weight, memory_budget=memory_budget, centres=params.stats_centres,
         )
         return (_log_lik_sum(log_prob_norm, weight), *stats)
 

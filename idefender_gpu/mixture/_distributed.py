@@ -280,7 +280,8 @@ class DistributedSource:
             lambda: self.local.em_totals(params, cfg),
             _statistics_shapes(G, K, D, ctype), params.means.dtype, params.means.device,
             "an EM iteration")
-        stats = kernels.statistics_to_parameters(counts, first, second, params.means, cfg.reg_covar, ctype)
+        stats = kernels.statistics_to_parameters(counts, first, second, params.stats_centres, cfg.reg_covar,
+                                                 ctype)
         new_params, info = finish_m_step(*stats, cfg)
         self._fault = (flags, exc)
         info = torch.where(flags.any(), torch.full_like(info, -1), info)  # no host sync here

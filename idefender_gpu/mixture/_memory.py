@@ -119,7 +119,7 @@ class InMemorySource:
         g = self.groups
         log_lik, counts, first, second = cfg.backend.pass_statistics(
             g.X, g.weight, params, cfg.covariance_type, cfg.memory_budget)
-        stats = kernels.statistics_to_parameters(counts, first, second, params.means,
+        stats = kernels.statistics_to_parameters(counts, first, second, params.stats_centres,
                                                  cfg.reg_covar, cfg.covariance_type)
         return (log_lik / g.counts, *finish_m_step(*stats, cfg))
 

@@ -252,14 +252,14 @@ class StreamSource:
         the groups it holds, added to the totals (no ``(n, K)`` responsibilities kept)."""
         G, K, D = params.means.shape
         ctype = cfg.covariance_type
-        log_weights = params.weights.log()
+        log_weights, centres = params.weights.log(), params.stats_centres
         shapes = kernels.statistics_shapes(ctype, G, K, D)
         counts, first, second = (params.means.new_zeros(shape) for shape in shapes)
         log_lik = params.means.new_zeros(G)
         for Xp, weight, present in self._batches():
             ll, c, f, s = kernels.em_pass(Xp, log_weights[present], params.means[present],
                                           params.prec_chol[present], ctype, sample_weight=weight,
-                                          memory_budget=cfg.memory_budget)
+                                          memory_budget=cfg.memory_budget, centres=centres[present])
             for total, part in ((log_lik, ll), (counts, c), (first, f), (second, s)):
                 total.index_add_(0, present, part)
         return counts, first, second, log_lik
@@ -267,7 +267,7 @@ class StreamSource:
     def em_step(self, params: Params, cfg: Config):
         """One pass: mean log-likelihood ``(G,)``, new parameters, Cholesky ``info``."""
         counts, first, second, log_lik = self.pass_totals(params, cfg)
-        stats = kernels.statistics_to_parameters(counts, first, second, params.means,
+        stats = kernels.statistics_to_parameters(counts, first, second, params.stats_centres,
                                                  cfg.reg_covar, cfg.covariance_type)
         return (log_lik / self.counts, *finish_m_step(*stats, cfg))
 
