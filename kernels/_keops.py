@@ -17,7 +17,7 @@ Variables (A3 index convention, with the batch axis first):
 
 Exported with the same names and signatures as the dense backend: :func:`log_prob_norm`
 and :func:`m_step_statistics`, plus :func:`sufficient_statistics` (the sums of the M-step,
-the dense :func:`~._dense.shifted_statistics` centred on the current means). The M-step
+the dense :func:`~._dense.shifted_statistics` centred on the EM loop's centres). The M-step
 turns those sums into parameters with the dense backend's one
 :func:`~._dense.statistics_to_parameters`. All return plain tensors, are differentiable
 where the dense ones are (:func:`log_prob_norm`), and check dtype and device at their
@@ -200,10 +200,10 @@ def sufficient_statistics(
     ``r_ij = exp(log w_j + log N(x_i | j) - log p(x_i)) · s_i`` (``s_i`` the sample weight,
     zero on padding) is never stored. One KeOps reduction over the samples gives, per
     component, ``counts = Σ r``, ``first = Σ r (x - m_j)`` and ``second = Σ r (x - m_j)
-    (x - m_j)ᵀ`` (full; diag/spherical its diagonal) centred on the current means
-    ``m_j``; tied: ``second = Σ_i s_i (x_i - c̄)(x_i - c̄)ᵀ`` densely, ``c̄`` the mean of
-    the means. These are exactly the sums of the dense
-    :func:`~._dense.shifted_statistics` with ``centres = means``, ready for
+    (x - m_j)ᵀ`` (full; diag/spherical its diagonal) centred on ``m_j = centres[j]``;
+    tied: ``second = Σ_i s_i (x_i - c̄)(x_i - c̄)ᵀ`` densely, ``c̄`` the mean of the
+    centres. These are exactly the sums of the dense
+    :func:`~._dense.shifted_statistics` with the same ``centres``, ready for
     :func:`~._dense.statistics_to_parameters`.
 
     Parameters

@@ -1,9 +1,9 @@
 """EM backends: how an E-step and an M-step are computed (private).
 
 Each backend is one class with the same two static methods: ``pass_statistics`` (one EM
-pass: the log-likelihood sum and the sufficient statistics centred on the current means,
-which the one :func:`~idefender_gpu.kernels.statistics_to_parameters` turns into parameters)
-and ``log_prob_norm`` (scoring); adding a backend is one class plus one table entry (C14).
+pass: the log-likelihood sum and the sufficient statistics centred on
+``params.stats_centres``, near the means, which the one
+:func:`~idefender_gpu.kernels.statistics_to_parameters` turns into parameters) and ``log_prob_norm`` (scoring); adding a backend is one class plus one table entry (C14).
 The EM driver never looks inside.
 
 * ``torch`` (dense): one fused pass per chunk of rows (:func:`~idefender_gpu.kernels.em_pass`):

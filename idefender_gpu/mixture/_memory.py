@@ -3,7 +3,7 @@
 :func:`open_memory` validates ``X`` (and ``y``) once and lays the samples out as
 ``(G, N_max, D)`` on the storage device; :class:`InMemorySource` makes one E+M step per
 call with the fit's backend (one pass over the tensor's chunks: the dense backend's fused
-:func:`~idefender_gpu.kernels.em_pass`, statistics centred on the current means, as the
+:func:`~idefender_gpu.kernels.em_pass`, statistics centred near the current means, as the
 streamed and data-parallel fits), and draws the initial responsibilities of ``init_params``
 (one function per value, a dispatch table).
 """
@@ -115,7 +115,7 @@ class InMemorySource:
     def em_step(self, params: Params, cfg: Config) -> tuple[Tensor, Params, Tensor]:
         """Mean log-likelihood ``(G,)`` under ``params``, the new parameters and the
         Cholesky ``info`` of the new covariances: one pass of the backend (the dense one
-        fused chunk by chunk), the statistics centred on the current means."""
+        fused chunk by chunk), the statistics centred near the current means."""
         g = self.groups
         log_lik, counts, first, second = cfg.backend.pass_statistics(
             g.X, g.weight, params, cfg.covariance_type, cfg.memory_budget)
