@@ -103,6 +103,8 @@ def test_resume_is_bit_exact(tmp_path):
     optimizer = torch.optim.SGD(build_model("wrn-10-1").parameters(), lr=1.0, momentum=0.9)
     meta = load_training_state(state, build_model("wrn-10-1"), optimizer)
     assert meta["epoch"] == 1 and meta["step_in_epoch"] == 1 and meta["config"] == config.to_json()
+    assert meta["schedule"] == {"milestone_epochs": [1, 2, 2], "gamma": 0.2, "lr": pytest.approx(0.02)}
+    assert meta["rng"]["seed"] == 1
     assert all(torch.is_tensor(s["momentum_buffer"]) for s in optimizer.state.values())
     assert not resumed.training
 

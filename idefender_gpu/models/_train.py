@@ -353,7 +353,11 @@ def train_classifier(model: nn.Module, x_train: Tensor, y_train: Tensor, config:
         if checkpoint is not None:
             meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "sums": sums, "history": history,
                     "config": config.to_json(), "n_train": n, "info": info,
-                    "scaler": scaler.state_dict() if amp else None}
+                    "scaler": scaler.state_dict() if amp else None,
+                    "schedule": {"milestone_epochs": config.milestone_epochs(), "gamma": config.gamma,
+                                 "lr": config.lr_at(min(epoch, config.epochs - 1))},
+                    "rng": {"seed": config.seed, "batch_order": "randperm, generator seed (seed, epoch)",
+                            "step": "torch.manual_seed((seed, epoch, step)) before each step"}}
             save_training_state(checkpoint, model, optimizer, meta)
 
     disable = None if progress is None else not progress
