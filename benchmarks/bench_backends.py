@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_backends.py --quick          # tiny grid (~1 min with a warm KeOps cache)
     python benchmarks/bench_backends.py --device cuda    # the same grid on a GPU
     python benchmarks/bench_backends.py --threads 1      # one CPU thread each (shared machines)
+    python benchmarks/bench_backends.py --features 2 8   # only the points with D = 2 or 8
     python benchmarks/bench_backends.py --table          # re-print the table of the committed JSON
 
 Method. For every grid point (covariance type, D, K, N; float32, G = 1) the same data and the
@@ -78,12 +79,14 @@ QUICK_GRID = [
 REG_COVAR = 1e-2
 
 
-def _grid(quick: bool) -> list[tuple[str, int, int, int]]:
-    """Grid points ``(covariance_type, D, K, N)``, N ascending within each (type, D, K)."""
+def _grid(quick: bool, features: tuple[int, ...] | None = None) -> list[tuple[str, int, int, int]]:
+    """Grid points ``(covariance_type, D, K, N)``, N ascending within each (type, D, K);
+    only the dimensions in ``features`` when given."""
     points = []
     for ctypes, ns, ks, ds in (QUICK_GRID if quick else GRID):
         for ctype, d, k, n in itertools.product(ctypes, ds, ks, ns):
-            points.append((ctype, d, k, n))
+            if features is None or d in features:
+                points.append((ctype, d, k, n))
     return points
 
 
@@ -164,13 +167,13 @@ def _time_backends(fits: dict[str, Callable[[int], None]], device: torch.device,
 
 
 def run_grid(device: torch.device, quick: bool, iters: int, repeats: int, budget: float,
-             skip_above: float, seed: int = 0) -> dict[str, Any]:
+             skip_above: float, seed: int = 0, features: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Time both backends over the grid; returns the JSON-able record."""
     rows: list[dict[str, Any]] = []
     compile_s: dict[str, float] = {}
     measured: dict[tuple, tuple[int, float]] = {}  # (ctype, D, K, backend) -> (N, s/it)
     t_start = time.perf_counter()
-    for ctype, D, K, N in _grid(quick):
+    for ctype, D, K, N in _grid(quick, features):
         data = em_data(N, D, 1, K, seed)
         row: dict[str, Any] = {"covariance_type": ctype, "n_features": D, "n_components": K,
                                "n_samples": N}
@@ -209,7 +212,8 @@ def run_grid(device: torch.device, quick: bool, iters: int, repeats: int, budget
         "settings": {"dtype": "float32", "n_groups": 1, "threads": torch.get_num_threads(),
                      "iters": iters, "repeats": repeats,
                      "budget_s": budget, "skip_above_s_per_iter": skip_above, "reg_covar": REG_COVAR,
-                     "quick": quick, "seed": seed, "tol": 0.0, "memory_budget": "default"},
+                     "quick": quick, "seed": seed, "tol": 0.0, "memory_budget": "default",
+                     "features": None if features is None else list(features)},
         "keops_compile_seconds": compile_s,
         "wall_seconds": time.perf_counter() - t_start,
         "rows": rows,
@@ -254,6 +258,8 @@ def suggest_rule(record: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid (a smoke run)")
+    parser.add_argument("--features", type=int, nargs="+", default=None,
+                        help="only the grid's points with these D (e.g. 2 8: where KeOps may win)")
     parser.add_argument("--device", default="cpu", help="default: cpu")
     parser.add_argument("--iters", type=int, default=2,
                         help="fewest timed EM iterations (default 2; more for cheap points)")
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         record = json.loads(out.read_text())
     else:
-        record = run_grid(device, args.quick, args.iters, args.repeats, args.budget, args.skip_above)
+        record = run_grid(device, args.quick, args.iters, args.repeats, args.budget, args.skip_above,
+                          features=None if args.features is None else tuple(args.features))
         record["suggested_auto_rule"] = suggest_rule(record)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2) + "\n")
