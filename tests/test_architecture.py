@@ -125,6 +125,8 @@ def test_no_library_module_over_600_lines():
     ("idefender_gpu.kernels", ["sklearn", "idefender_gpu.mixture", "idefender_gpu.detector"]),
     ("idefender_gpu", ["sklearn", "idefender_gpu.mixture", "idefender_gpu.detector"]),
     ("idefender_gpu.mixture", ["idefender_gpu.detector", "idefender_gpu.attacks"]),
+    ("idefender_gpu.models", ["torchvision"]),
+    ("idefender_gpu.data", ["torchvision", "PIL"]),
 ])
 def test_imports_stay_light(module, forbidden):
     code = (
