@@ -146,6 +146,8 @@ def display_path(path: Any) -> str | None:
     """
     if path is None:
         return None
+    if str(path).startswith("stand-in:"):  # a stand-in dataset's source: no file
+        return str(path)
     path = Path(os.path.abspath(Path(path).expanduser()))
     for spec in DATASETS.values():
         debian = Path(spec.debian_dir)
@@ -226,11 +228,14 @@ def finish(results: dict[str, Any], timer: PhaseTimer, start: float) -> dict[str
 
 
 def load_checked(config: Any) -> Any:
-    """The dataset of ``config`` with ``n_train``/``n_test`` checked against it and applied, and
+    """The dataset of ``config`` (a stand-in one for ``config.stand_in``) with ``n_train``/``n_test`` checked against it and applied, and
     every class holding at least ``max(2, n_components)`` training images (before any training)."""
-    from idefender_gpu.data import load_dataset
+    from idefender_gpu.data import load_dataset, stand_in_dataset
 
-    data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
+    if getattr(config, "stand_in", False):  # seeded random images of the real shapes, of the requested sizes
+        data = stand_in_dataset(config.dataset, n_train=config.n_train, n_test=config.n_test, seed=config.seed)
+    else:
+        data = load_dataset(config.dataset, config.data, download=config.download, wording="command")
     for name, option, split, requested, available in (
             ("n_train", "--n-train", "training", config.n_train, data.x_train.shape[0]),
             ("n_test", "--n-test", "test", config.n_test, data.x_test.shape[0])):

@@ -12,7 +12,7 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["add_common_options", "count_or_all", "device", "eps_list", "model_f_layers", "non_negative_float",
+__all__ = ["MNIST_FAMILY", "add_common_options", "count_or_all", "device", "eps_list", "layer_list", "model_f_layers", "non_negative_float",
            "non_negative_int", "positive_int"]
 
 
@@ -106,12 +106,17 @@ model_f_layers.__name__ = "layers of model F"
 # --------------------------------------------------------------------------------------
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
+#: the datasets most experiments take (``--dataset`` choices)
+MNIST_FAMILY = ("fashion-mnist", "mnist")
+
+
+def add_common_options(parser: argparse.ArgumentParser, datasets: tuple[str, ...] = MNIST_FAMILY) -> None:
     """The options every experiment takes: data, output, seed, device, progress, cache."""
-    parser.add_argument("--dataset", choices=("fashion-mnist", "mnist"), default="fashion-mnist",
+    parser.add_argument("--dataset", choices=datasets, default="fashion-mnist",
                         help="the dataset (default %(default)s)")
     parser.add_argument("--data", metavar="DIR", default=None,
-                        help="folder holding the four IDX files, the only one searched when given "
+                        help="folder holding the dataset's files (the four IDX files; CIFAR-10's "
+                             "cifar-10-batches-bin), the only one searched when given "
                              "(default: $IDEFENDER_DATA if set, else Debian's /usr/share/datasets/<dataset>, "
                              "then the download cache)")
     parser.add_argument("--no-download", action="store_true",
@@ -121,8 +126,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default results/reproduce-<dataset>, ignored by git)")
     parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
                         help="seed of model E and of the mixtures' k-means; model F uses seed + 1 (default 0)")
-    parser.add_argument("--epochs", type=positive_int, default=5, metavar="N",
-                        help="training epochs of models E and F (default %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
+                        help="training epochs of the models (default 5 for models E and F; 200 for CIFAR-10's "
+                             "WideResNets, 1 with --stand-in)")
     parser.add_argument("--device", type=device, default=None, metavar="DEVICE",
                         help="torch device such as cpu, cuda or cuda:1 (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -196,8 +202,9 @@ def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> 
                         help="evaluation images attacked: the first N, or 'all' (default %(default)s)")
     parser.add_argument("--n-calibrate", type=count_or_all, default=10000, metavar="N",
                         help="training images that set the training-data ID-99 thresholds (default 10000)")
-    parser.add_argument("--layers", type=model_f_layers, default=("conv2",), metavar="LAYERS",
-                        help="comma-separated layers whose hidden states I-defender models (default conv2)")
+    parser.add_argument("--layers", type=layer_list, default=None, metavar="LAYERS",
+                        help="comma-separated layers whose hidden states I-defender models (default: the "
+                             "dataset's, conv2 of model F, fc:input of a WideResNet)")
     parser.add_argument("--components", type=positive_int, default=1, metavar="K",
                         help="Gaussian mixture components per class (default %(default)s)")
     parser.add_argument("--covariance", choices=("full", "tied", "diag", "spherical"), default="full",
@@ -208,16 +215,41 @@ def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> 
                         help="attack and scoring batch size (default %(default)s)")
 
 
+def _stand_in_options(parser: argparse.ArgumentParser, roles: str) -> None:
+    """``--stand-in`` and ``--weights`` (the protocols that run on CIFAR-10)."""
+    parser.add_argument("--stand-in", action="store_true",
+                        help="CIFAR-10 only: seeded random images of its shapes, narrow WideResNets (wrn-10-1, "
+                             "wrn-16-1) trained for one epoch, 16 attacked images, tiny search budgets: proves the "
+                             "pipeline end to end in seconds, reproduces nothing (report.md says so first)")
+    parser.add_argument("--weights", metavar="FILE", action="append", default=None,
+                        help=f"a checkpoint of {roles} (idefender-gpu train's model.safetensors); repeat it "
+                             "for the next model, in that order; models without one are loaded from the cache "
+                             "or trained")
+
+
 def _semiwhitebox_options(parser: argparse.ArgumentParser) -> None:
     _protocol_options(parser)
+    _stand_in_options(parser, "the model")
     parser.add_argument("--tolerance", type=non_negative_float, default=0.005, metavar="FLOAT",
                         help="bisection stops within this of the target adversarial accuracy (default %(default)s)")
 
 
 def _graybox_options(parser: argparse.ArgumentParser) -> None:
     _protocol_options(parser)
+    _stand_in_options(parser, "Source, Target, then Wide (the bigger network)")
     parser.add_argument("--no-wide", action="store_true",
                         help="skip the wider network (Table 8's analogue)")
+
+
+def layer_list(text: str) -> tuple[str, ...]:
+    """Comma-separated layer specs (checked against the dataset's models by the config)."""
+    layers = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not layers:
+        raise argparse.ArgumentTypeError(f"must name at least one layer; got {text!r}")
+    return layers
+
+
+layer_list.__name__ = "layer list"
 
 
 def eps_list(text: str) -> tuple[float, ...]:

@@ -23,19 +23,19 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from idefender_gpu import IDefender, MahalanobisDetector
-from idefender_gpu._param_validation import Interval, validate_params
-from idefender_gpu.data import DATASETS
+from idefender_gpu._param_validation import Interval, Options, Predicate, validate_params
 from idefender_gpu.experiments._common import CONFIG_CONSTRAINTS, PhaseTimer, batches, check_device, display_path, load_checked, logger, rate
+from idefender_gpu.experiments._datasets import PROFILES, Profile, build_role_model, obtain_model, profile_for
 from idefender_gpu.features import parse_layers
 from idefender_gpu.metrics import roc_auc_score
-from idefender_gpu.models import build_model, evaluate, load_or_train
+from idefender_gpu.models import evaluate
 
 __all__ = ["Defence", "ProtocolConfig", "Setup", "balanced_accuracy", "fit_defence", "prepare", "score",
            "threshold_summary"]
@@ -50,9 +50,21 @@ class ProtocolConfig:
 
     Attributes
     ----------
-    dataset, data, seed, epochs, n_train, n_test, device, progress, download, cache
-        As in :class:`~idefender_gpu.experiments.blackbox.BlackboxConfig` (model F is
-        trained with ``seed + 1``).
+    dataset, data, seed, n_train, n_test, device, progress, download, cache
+        As in :class:`~idefender_gpu.experiments.blackbox.BlackboxConfig` (the first model,
+        F on Fashion-MNIST / MNIST, WRN-34-8 on CIFAR-10, is trained with ``seed + 1``);
+        ``dataset`` also 'cifar10'. What the dataset sets (models, default layer and
+        training length) is its :class:`~idefender_gpu.experiments._datasets.Profile`.
+    epochs : int, optional
+        Training epochs of the models (None: the dataset's default, 5 for F, 200 for a WRN).
+    stand_in : bool
+        Seeded random images of the dataset's shapes and the profile's narrow networks
+        (:data:`~idefender_gpu.experiments._datasets.STAND_INS`): a pipeline check, not a
+        reproduction (results record ``stand_in``).
+    weights : tuple of path
+        Checkpoints of the models in role order (Source, then Target and Wide in the
+        gray-box protocol), e.g. ``idefender-gpu train``'s ``model.safetensors``; the roles
+        without one are loaded from the cache or trained.
     n_holdout : int
         The last ``n_holdout`` test images in use calibrate the held-out thresholds; the
         others are the evaluation set.
@@ -61,13 +73,14 @@ class ProtocolConfig:
     n_calibrate : int, optional
         Training images whose scores set the training-data ID-99 thresholds.
     layers, n_components, covariance_type, reg_covar, batch_size, memory_budget
-        I-defender's settings (as the black-box reproduction's).
+        I-defender's settings (as the black-box reproduction's; ``layers`` None: the
+        dataset's default, ``conv2`` of F, the input of a WRN's last Linear layer).
     """
 
     dataset: str = "fashion-mnist"
     data: str | None = None
     seed: int = 0
-    epochs: int = 5
+    epochs: int | None = None
     n_train: int | None = None
     n_test: int | None = None
     n_holdout: int = 2000
@@ -77,15 +90,23 @@ class ProtocolConfig:
     progress: bool | None = None
     download: bool = False
     cache: str | None = None
-    layers: tuple[str, ...] = ("conv2",)
+    layers: tuple[str, ...] | None = None
     n_components: int = 1
     covariance_type: str = "full"
     reg_covar: float = 1e-4
     batch_size: int = 500
     memory_budget: int | None = None
+    stand_in: bool = False
+    weights: tuple[str, ...] = ()
 
     _parameter_constraints = {
         **CONFIG_CONSTRAINTS,
+        "dataset": [Options(str, set(PROFILES))],
+        "epochs": [None, *CONFIG_CONSTRAINTS["epochs"]],
+        "layers": [None, *CONFIG_CONSTRAINTS["layers"]],
+        "stand_in": ["boolean"],
+        "weights": [Predicate(lambda v: isinstance(v, (tuple, list))
+                              and all(isinstance(p, (str, os.PathLike)) for p in v), "a tuple of paths")],
         "n_holdout": [Interval(Integral, 10, None)],
         **{name: [None, Interval(Integral, 1, None)] for name in ("n_train", "n_test", "n_attack", "n_calibrate")},
     }
@@ -97,17 +118,52 @@ class ProtocolConfig:
             constraints.update(getattr(klass, "_parameter_constraints", {}))
         validate_params(type(self).__name__, vars(self), constraints)
         device = check_device(self.device)
-        parse_layers(build_model("F", len(DATASETS[self.dataset].classes)), list(self.layers))
+        profile = self.profile()
+        with torch.device("meta"):  # names only: no memory, no initialisation
+            for role in profile.roles[:self._n_roles()]:
+                parse_layers(build_role_model(role.model, 10), list(self.detector_layers()))
+        if len(self.weights) > self._n_roles():
+            raise ValueError(f"weights (--weights) takes at most {self._n_roles()} file(s) here (the models "
+                             f"{', '.join(r.role for r in profile.roles[:self._n_roles()])}, in that order); got "
+                             f"{len(self.weights)}")
+        for path in self.weights:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"weights (--weights) {os.fspath(path)!r}: no such file (a checkpoint "
+                                        f"such as idefender-gpu train's model.safetensors)")
         if self.n_test is not None and self.n_holdout >= self.n_test:
             raise ValueError(f"n_holdout (--n-holdout) must be smaller than n_test (--n-test): the rest is the "
                              f"evaluation set; got n_holdout {self.n_holdout} and n_test {self.n_test}")
         return device
+
+    #: how many of the profile's roles the protocol uses (Source only; the gray-box protocol: all)
+    _roles_used: ClassVar[int] = 1
+
+    def _n_roles(self) -> int:
+        return self._roles_used
+
+    def profile(self) -> Profile:
+        """What the dataset (or its stand-in) sets: models, default layer and training length."""
+        return profile_for(self.dataset, self.stand_in)
+
+    def train_epochs(self) -> int:
+        """``epochs``, or the dataset's default."""
+        return self.profile().epochs if self.epochs is None else self.epochs
+
+    def detector_layers(self) -> tuple[str, ...]:
+        """``layers``, or the dataset's default."""
+        return tuple(self.profile().layers if self.layers is None else self.layers)
+
+    def weights_for(self, index: int) -> str | None:
+        """The checkpoint given for role ``index`` (None: cache or train)."""
+        return self.weights[index] if index < len(self.weights) else None
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON (paths as :func:`display_path` writes them)."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         out["data"], out["cache"] = display_path(self.data), display_path(self.cache)
         out["device"] = str(self.device)
+        out["epochs"], out["layers"] = self.train_epochs(), list(self.detector_layers())
+        out["weights"] = [display_path(p) for p in self.weights]
         return out
 
     def budget(self, device: torch.device) -> int | None:
@@ -171,15 +227,23 @@ def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
     logger.info("%s: %d training, %d test images (%d held out for the thresholds) from %s", data.name,
                 len(data.y_train), n_test, config.n_holdout, display_path(data.source))
     split = n_test - config.n_holdout
-    with timer("train", f"model F: train {config.epochs} epoch(s) on {len(data.y_train)} images, or load "
-                        f"the cached checkpoint"):
-        model, info = load_or_train("F", data, seed=config.seed + 1, epochs=config.epochs, device=device,
-                                    cache=config.cache, progress=config.progress)
-    x_eval, y_eval = data.x_test[:split], data.y_test[:split]
-    accuracy = float((evaluate(model, x_eval.to(device)).cpu() == y_eval).double().mean())
-    record = model_record(info, accuracy, f"trained on the training set, {config.epochs} epochs, seed "
-                                          f"{config.seed + 1}")
-    return Setup(data, x_eval, y_eval, data.x_test[split:], y_holdout, model, {"F": record}, device)
+    setup = Setup(data, data.x_test[:split], data.y_test[:split], data.x_test[split:], y_holdout, None, {}, device)
+    setup.model, record = obtain_role(config, setup, 0, timer)
+    setup.model_info = {config.profile().roles[0].model: record}
+    return setup
+
+
+def obtain_role(config: ProtocolConfig, setup: Setup, index: int, timer: PhaseTimer) -> tuple[nn.Module, dict]:
+    """The model of the profile's role ``index`` (user weights, cache or training; timed as
+    ``train``) and its results record (test accuracy on the evaluation set)."""
+    role, epochs, weights = config.profile().roles[index], config.train_epochs(), config.weights_for(index)
+    how = f"load {weights}" if weights is not None else (f"train {epochs} epoch(s) on {len(setup.data.y_train)} "
+                                                         f"images, or load the cached checkpoint")
+    with timer("train", f"model {role.role} ({role.model}): {how}"):
+        model, info, training = obtain_model(role, setup.data, seed=config.seed, epochs=epochs, device=setup.device,
+                                             cache=config.cache, weights=weights, progress=config.progress)
+    accuracy = float((evaluate(model, setup.x_eval.to(setup.device)).cpu() == setup.y_eval).double().mean())
+    return model, model_record(info, accuracy, training)
 
 
 def _loader(x: Tensor, y: Tensor) -> DataLoader:
@@ -208,7 +272,7 @@ def fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: P
     thresholds. A defence this process already fitted on the same weights, data split and
     detector settings is reused (its thresholds are never changed after fitting)."""
     key = (_weights_digest(model), setup.data.sha256, int(setup.data.x_train.shape[0]), int(setup.x_eval.shape[0]),
-           int(setup.x_holdout.shape[0]), config.n_calibrate, tuple(config.layers), config.n_components,
+           int(setup.x_holdout.shape[0]), config.n_calibrate, config.detector_layers(), config.n_components,
            config.covariance_type, config.reg_covar, config.seed, str(setup.device), config.budget(setup.device))
     if key in _FITTED:  # holds the baseline too: good for either request
         logger.info("model %s: I-defender%s fitted earlier in this run, reused", name,
@@ -232,11 +296,11 @@ def _fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: 
     thresholds: dict[str, dict[str, dict[float, Tensor]]] = {}
     with timer("fit_detectors", f"model {name}: I-defender{' and Mahalanobis' if baseline else ''} on "
                                 f"{len(data.y_train)} training images; train and held-out thresholds"):
-        idefender = IDefender(model, list(config.layers), config.n_components,
+        idefender = IDefender(model, list(config.detector_layers()), config.n_components,
                               covariance_type=config.covariance_type, keep=0.95, reg_covar=config.reg_covar,
                               random_state=config.seed, memory_budget=budget,
                               progress=config.progress).fit(train_loader)
-        mahalanobis = MahalanobisDetector(model, list(config.layers), reg_covar=config.reg_covar,
+        mahalanobis = MahalanobisDetector(model, list(config.detector_layers()), reg_covar=config.reg_covar,
                                           memory_budget=budget, progress=config.progress).fit(train_loader) \
             if baseline else None
         for key, detector in (("idefender", idefender), ("mahalanobis", mahalanobis)):
@@ -312,6 +376,7 @@ def base_results(experiment: str, config: ProtocolConfig, setup: Setup, defence:
     n_attack = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
     return {
         "experiment": experiment, "dataset": data.name, "seed": config.seed, "config": config.to_json(),
+        "stand_in": bool(getattr(data, "stand_in", False)),
         "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": int(data.x_train.shape[0]),
                  "n_eval": int(setup.x_eval.shape[0]), "n_attack": int(n_attack),
                  "n_holdout": int(setup.x_holdout.shape[0])},
@@ -351,11 +416,12 @@ def begin_single_model(config: ProtocolConfig, experiment: str) -> SingleModelRu
     timer = PhaseTimer(device)
     start = time.perf_counter()
     setup = prepare(config, timer)
-    defence = fit_defence(config, setup, setup.model, timer)
+    name = config.profile().roles[0].model  # F on the MNIST family
+    defence = fit_defence(config, setup, setup.model, timer, name)
     n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
     with timer("score", f"score {setup.x_eval.shape[0]} natural evaluation images"):
         natural_all = score(setup.x_eval, setup.model, defence, config.batch_size, device)
     results = base_results(experiment, config, setup, defence)
-    results["thresholds"] = threshold_summary(defence, natural_all)
+    results["thresholds"] = threshold_summary(defence, natural_all, name)
     return SingleModelRun(device, timer, start, setup, defence, setup.x_eval[:n], setup.y_eval[:n],
                           natural_all, {k: v[:n] for k, v in natural_all.items()}, results)

@@ -35,8 +35,10 @@ from idefender_gpu.experiments._options import (  # noqa: F401 (re-exported: ide
     _all_options,
     _blackbox_options,
     _graybox_options,
+    _protocol_options,
     _select_options,
     _semiwhitebox_options,
+    MNIST_FAMILY,
     add_common_options,
     count_or_all,
     device,
@@ -125,7 +127,7 @@ def _blackbox(args: argparse.Namespace) -> int:
     threats = {"both": ("black-box", "semi-white-box"), "black-box": ("black-box",),
                "semi-white-box": ("semi-white-box",)}[args.threat]
     config = BlackboxConfig(
-        dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs,
+        dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs or 5,
         n_train=args.n_train, n_test=args.n_test, n_other=args.n_other, n_calibrate=args.n_calibrate,
         device=_default_device(args),
         progress=False if args.no_progress else None, download=not args.no_download,
@@ -152,25 +154,44 @@ def _blackbox(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# semi-whitebox, graybox, adaptive (the protocols of issue 13) and all
+# semi-whitebox, graybox, adaptive (the protocols of issue 13; on CIFAR-10, issue 14) and all
 # --------------------------------------------------------------------------------------
 
+#: the datasets of the protocols that run beyond the MNIST family (the others are refused in one line)
+PROTOCOL_DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagenet")
 
 
-def _protocol_kwargs(args: argparse.Namespace) -> dict:
+def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
+    """The :class:`ProtocolConfig` fields from the arguments, after checking that ``experiment``
+    runs on the dataset (``--stand-in``: the stand-in sizes wherever an option keeps its default)."""
+    from idefender_gpu.experiments._datasets import STAND_IN_SIZES, check_supported
+
+    stand_in = bool(getattr(args, "stand_in", False))
+    check_supported(experiment, args.dataset, stand_in)  # one line for what is not built
+    if stand_in:
+        if args.data is not None:
+            raise ValueError("--stand-in uses no data files: drop --data (or drop --stand-in to use them)")
+        defaults = argparse.ArgumentParser(add_help=False)
+        _protocol_options(defaults)
+        defaults = vars(defaults.parse_args([]))
+        for key, value in STAND_IN_SIZES.items():
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
     return dict(dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs, n_train=args.n_train,
                 n_test=args.n_test, n_holdout=args.n_holdout, n_attack=args.n_attack, n_calibrate=args.n_calibrate,
                 device=_default_device(args), progress=False if args.no_progress else None,
-                download=not args.no_download, cache=args.cache, layers=tuple(args.layers),
+                download=not args.no_download, cache=args.cache,
+                layers=None if args.layers is None else tuple(args.layers),
                 n_components=args.components, covariance_type=args.covariance, reg_covar=args.reg_covar,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, stand_in=stand_in, weights=tuple(getattr(args, "weights", None) or ()))
 
 
 def _run_protocol(args: argparse.Namespace, name: str, config, run, markdown) -> int:
     from idefender_gpu.experiments._outputs import write
 
     config.validate()  # before any work (and again inside run, for Python callers)
-    out = Path(args.out or f"results/{name}-{args.dataset}")
+    suffix = "-stand-in" if config.stand_in else ""
+    out = Path(args.out or f"results/{name}-{args.dataset}{suffix}")
     check_writable_folder(out, "--out")
     if args.cache is not None:
         check_writable_folder(Path(args.cache), "--cache")
@@ -188,7 +209,13 @@ def _run_protocol(args: argparse.Namespace, name: str, config, run, markdown) ->
 def _semiwhitebox(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments.semiwhitebox import SemiWhiteboxConfig, markdown, run_semiwhitebox
 
-    config = SemiWhiteboxConfig(**_protocol_kwargs(args), tolerance=args.tolerance)
+    from idefender_gpu.experiments._datasets import STAND_IN_SEARCH
+
+    kwargs = _protocol_kwargs(args, "semi-whitebox")
+    search = STAND_IN_SEARCH if kwargs["stand_in"] else {}
+    tolerance = search.get("tolerance", args.tolerance) if args.tolerance == 0.005 else args.tolerance
+    config = SemiWhiteboxConfig(**kwargs, tolerance=tolerance,
+                                **{k: v for k, v in search.items() if k != "tolerance"})
     return _run_protocol(args, "semi-whitebox", config, run_semiwhitebox, markdown)
 
 
@@ -196,7 +223,10 @@ def _semiwhitebox(args: argparse.Namespace) -> int:
 def _graybox(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments.graybox import GrayboxConfig, markdown, run_graybox
 
-    config = GrayboxConfig(**_protocol_kwargs(args), wide=not args.no_wide)
+    from idefender_gpu.experiments._datasets import STAND_IN_STEPS
+
+    kwargs = _protocol_kwargs(args, "graybox")
+    config = GrayboxConfig(**kwargs, wide=not args.no_wide, steps=STAND_IN_STEPS if kwargs["stand_in"] else 10)
     return _run_protocol(args, "graybox", config, run_graybox, markdown)
 
 
@@ -204,7 +234,7 @@ def _graybox(args: argparse.Namespace) -> int:
 def _adaptive(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments.adaptive import AdaptiveConfig, markdown, run_adaptive
 
-    config = AdaptiveConfig(**_protocol_kwargs(args), eps=args.eps, steps=args.steps, n_restarts=args.restarts,
+    config = AdaptiveConfig(**_protocol_kwargs(args, "adaptive"), eps=args.eps, steps=args.steps, n_restarts=args.restarts,
                             n_targets=args.targets, external=not args.no_external)
     return _run_protocol(args, "adaptive", config, run_adaptive, markdown)
 
@@ -214,7 +244,7 @@ def _select(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments.selection import SelectConfig, run_select, write_select
 
     config = SelectConfig(dataset=args.dataset, data=args.data, seed=args.seed,
-                          epochs_grid=args.select_epochs or (args.epochs,), n_train=args.n_train,
+                          epochs_grid=args.select_epochs or (args.epochs or 5,), n_train=args.n_train,
                           n_test=args.n_test, n_validation=args.n_validation, holdout=args.holdout,
                           n_holdout=args.n_holdout, test=not args.no_test, device=_default_device(args),
                           progress=False if args.no_progress else None, download=not args.no_download,
@@ -278,6 +308,8 @@ class Experiment:
     options: Callable[[argparse.ArgumentParser], None]
     #: runs it from the parsed arguments; returns the exit code
     run: Callable[[argparse.Namespace], int]
+    #: its ``--dataset`` choices
+    datasets: tuple[str, ...] = MNIST_FAMILY
 
 
 #: name -> experiment. A new experiment is one entry (and its two functions).
@@ -297,14 +329,14 @@ EXPERIMENTS: dict[str, Experiment] = {
                     "strengths found by bisection so that F's adversarial accuracy hits each Table 6 target; "
                     "AUC and ID-95 / ID-99 (held-out and training-data thresholds) beside the paper's CIFAR-10 "
                     "values. Writes results.json, report.md and ROC PNGs into --out.",
-        options=_semiwhitebox_options, run=_semiwhitebox),
+        options=_semiwhitebox_options, run=_semiwhitebox, datasets=PROTOCOL_DATASETS),
     "graybox": Experiment(
         help="Section 4.3 (Tables 7-8 protocol): Eq. 6 crafted on Source, evaluated on Source, Target and a "
              "wider network",
         description="The paper's gray-box protocol: two copies of model F (seeds seed+1, seed+2) and a 1.5x "
                     "wider one, each with its own I-defender; GrayBox (Eq. 6) crafted on Source with alpha in "
                     "{0, 1e-3, 1e-2, 1e-1, 1}. Writes results.json, report.md and ROC PNGs into --out.",
-        options=_graybox_options, run=_graybox),
+        options=_graybox_options, run=_graybox, datasets=PROTOCOL_DATASETS),
     "adaptive": Experiment(
         help="adaptive white-box attacker (MarginPGD on DefendedModel) at eps 0.05-0.3, beside Mahalanobis, no "
              "detector, torchattacks and ART",
@@ -345,7 +377,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                      title="experiments")
     for name, experiment in EXPERIMENTS.items():
         leaf = which.add_parser(name, help=experiment.help, description=experiment.description)
-        add_common_options(leaf)
+        add_common_options(leaf, experiment.datasets)
         experiment.options(leaf)
         leaf.set_defaults(func=functools.partial(_run, experiment))
     return reproduce

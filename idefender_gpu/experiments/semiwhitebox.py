@@ -39,6 +39,7 @@ from idefender_gpu.experiments._protocol import (
     score,
 )
 from idefender_gpu.experiments._common import craft as _craft
+from idefender_gpu.experiments._datasets import STAND_IN_NOTE
 from idefender_gpu.experiments.paper import SEMIWHITEBOX_TABLE
 
 __all__ = ["SemiWhiteboxConfig", "bisect_strength", "markdown", "run_semiwhitebox"]
@@ -58,23 +59,33 @@ class SemiWhiteboxConfig(ProtocolConfig):
         Bisection stops once F's adversarial accuracy is within ``tolerance`` of the target.
     max_evaluations : int
         Attack runs per column at most (the closest one is kept).
+    max_deepfool_steps : int
+        The largest DeepFool step budget tried.
+    steps : int
+        Steps of Iter-Linf and Iter-L2 (each of 2.5 eps / steps).
     """
 
     tolerance: float = 0.005
     max_evaluations: int = 14
+    max_deepfool_steps: int = 50
+    steps: int = 10
 
     _parameter_constraints = {"tolerance": [Interval(Real, 0.0, 1.0, closed="neither")],
-                              "max_evaluations": [Interval(Integral, 2, None)]}
+                              "max_evaluations": [Interval(Integral, 2, None)],
+                              "max_deepfool_steps": [Interval(Integral, 1, None)],
+                              "steps": [Interval(Integral, 1, None)]}
 
 
-def build_attack(model: Any, attack: str, strength: float, max_iter: int = 50) -> Callable[[Tensor, Tensor], Tensor]:
-    """The attack of a Table 6 column at ``strength`` (eps, or DeepFool's overshoot)."""
+def build_attack(model: Any, attack: str, strength: float, max_iter: int = 50,
+                 steps: int = 10) -> Callable[[Tensor, Tensor], Tensor]:
+    """The attack of a Table 6 column at ``strength`` (eps, or DeepFool's overshoot); the
+    iterative ones take ``steps`` steps of ``2.5 eps / steps``."""
     if attack == "FGSM":
         return FGSM(model, eps=strength)
     if attack == "BIM":
-        return BIM(model, eps=strength, alpha=0.25 * strength, steps=10)
+        return BIM(model, eps=strength, alpha=(2.5 / steps) * strength, steps=steps)
     if attack == "IterativeL2":
-        return IterativeL2(model, eps=strength, alpha=0.25 * strength, steps=10)
+        return IterativeL2(model, eps=strength, alpha=(2.5 / steps) * strength, steps=steps)
     if attack == "DeepFool":
         return DeepFool(model, overshoot=strength, max_iter=max_iter)
     raise ValueError(f"unknown attack {attack!r}")
@@ -118,7 +129,7 @@ def _search(config: SemiWhiteboxConfig, model: Any, attack: str, target: float, 
             if strength == 0.0 and attack != "DeepFool":
                 x_adv = x.clone()
             else:
-                x_adv = _craft(build_attack(model, attack, strength, max_iter), x, y, config.batch_size, device,
+                x_adv = _craft(build_attack(model, attack, strength, max_iter, config.steps), x, y, config.batch_size, device,
                                f"{attack} {strength:.4g}", config.progress).cpu()
             kept[(max_iter, strength)] = x_adv
             with torch.no_grad():
@@ -130,7 +141,7 @@ def _search(config: SemiWhiteboxConfig, model: Any, attack: str, target: float, 
     (low, high), what = RANGES[attack]
     max_iter, trace_all = 50, []
     if attack == "DeepFool":  # the step budget first, at the library's overshoot 0.02
-        for max_iter in range(1, 51):
+        for max_iter in range(1, config.max_deepfool_steps + 1):
             value = accuracy_at(max_iter)(0.02)
             trace_all.append({"max_iter": max_iter, "overshoot": 0.02, "adv_acc": value})
             if value <= target or abs(value - target) <= config.tolerance:
@@ -194,6 +205,8 @@ def run_semiwhitebox(config: SemiWhiteboxConfig) -> dict[str, Any]:
         logger.info("%s: %s %.4g gives adv acc %.4f (target %.4f), AUC %.4f: %.1f s", label, found["strength_is"],
                     found["strength"], found["adv_acc"], target, record["auc"], time.perf_counter() - started)
     results["records"] = records
+    profile = config.profile()
+    results["architecture"], results["paper_same_dataset"] = profile.roles[0].model, profile.paper_same_dataset
     return finish(results, timer, start)
 
 
@@ -203,10 +216,17 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     recs = results["records"]
     head = " | ".join(r["column"] for r in recs)
     sep = "|---" * (len(recs) + 1) + "|"
-    out = [f"# I-defender semi-white-box protocol ({table}) on {results['dataset']}", "",
-           "Command: `idefender-gpu reproduce semi-whitebox --dataset " + results["dataset"] + "`", "",
+    stand_in, same = bool(results.get("stand_in")), bool(results.get("paper_same_dataset"))
+    dataset = results["dataset"].removesuffix("-stand-in")
+    arch = results.get("architecture", "F")
+    steps = results["config"].get("steps", 10)
+    other = "the same dataset and network" if same else "another dataset and network"
+    out = [STAND_IN_NOTE, ""] if stand_in else []
+    out += [f"# I-defender semi-white-box protocol ({table}) on {results['dataset']}, model {arch}", "",
+            "Command: `idefender-gpu reproduce semi-whitebox --dataset " + dataset
+            + (" --stand-in" if stand_in else "") + "`", "",
            *setup_lines(results), "",
-           "## Attack strengths found by bisection (model F's adversarial accuracy on the attacked images)", "",
+           f"## Attack strengths found by bisection (model {arch}'s adversarial accuracy on the attacked images)", "",
            "| column | attack | strength | target adv acc | ours | within tolerance | mean Linf | mean L2 | evaluations |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
@@ -214,8 +234,8 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         out.append(f"| {r['column']} | {r['attack']} | {strength} | {pct(r['target_adv_acc'])} | {100 * r['adv_acc']:.2f}% "
                    f"| {'yes' if r['within_tolerance'] else 'no'} | {fmt(r['mean_linf'], 3)} | {fmt(r['mean_l2'], 2)} "
                    f"| {len(r['bisection'])} |")
-    out += ["", f"## Detection (ours on {results['dataset']}; the paper's rows are on {paper_dataset}, another "
-                f"dataset and network, in %)", "",
+    out += ["", f"## Detection (ours on {results['dataset']}; the paper's rows are on {paper_dataset}, {other}, "
+                f"in %)", "",
             f"| method | {head} |", sep]
     rows = [("I-defender AUC (score)", "auc"), ("I-defender AUC, successful only", "auc_successful"),
             ("ID-95 held-out thresholds, (TPR+TNR)/2", "id95_heldout_balanced"),
@@ -238,8 +258,9 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
             "the positives (SafetyNet's protocol, which the paper follows).",
             "- The paper's ID-95 / ID-99 rows are AUCs of thresholded detectors; a thresholded detector's ROC "
             "has one point, so its AUC is (TPR + TNR) / 2, which is what our ID rows give.",
-            "- Iter-Linf and Iter-L2: 10 steps of 2.5 eps / 10; DeepFool: all classes, the step budget and "
+            f"- Iter-Linf and Iter-L2: {steps} steps of 2.5 eps / {steps}; DeepFool: all classes, the step budget and "
             "overshoot bisected (its eps is the minimal perturbation itself).",
-            f"- The paper's numbers are {table} on {paper_dataset} (WRN34-8), not on this dataset: beside ours "
-            "for the shape of the comparison only."]
+            f"- The paper's numbers are {table} on {paper_dataset} (WRN34-8)"
+            + (": the same protocol, dataset and network." if same else
+               ", not on this dataset and network: beside ours for the shape of the comparison only.")]
     return "\n".join(out) + "\n"
