@@ -141,15 +141,15 @@ STAND_IN_SEARCH = {"max_evaluations": 3, "max_deepfool_steps": 3, "tolerance": 0
 STAND_IN_STEPS = 2
 
 #: dataset -> why its protocols are not built yet (one line each)
-PLANNED = {"imagenet": "needs two VGG19s with the user's weights, an ImageNet folder and the streamed, "
-                       "blocked 1000-class detector (Table 9); not built yet"}
+PLANNED = {"imagenet": "two VGG19s with the user's weights, an ImageNet folder and the streamed, blocked "
+                       "1000-class detector (Table 9)"}
 
 
 def profile_for(dataset: str, stand_in: bool = False) -> Profile:
     """The profile of ``dataset`` (its stand-in variant with ``stand_in``); ``ValueError`` in one line
     when there is none."""
     if dataset in PLANNED:
-        raise ValueError(f"--dataset {dataset}: the protocols on {dataset} {PLANNED[dataset]}")
+        raise ValueError(f"--dataset {dataset} is not built yet: its protocols need {PLANNED[dataset]}")
     table = STAND_INS if stand_in else PROFILES
     if dataset not in table:
         if stand_in:

@@ -92,6 +92,19 @@ class GrayboxConfig(ProtocolConfig):
         "steps": [Interval(Integral, 1, None)],
     }
 
+    def resolved(self) -> tuple[tuple[float, ...], tuple[tuple[str, str, float], ...]]:
+        """``(alphas, attacks)``: the ones set, else the dataset's."""
+        profile = self.profile()
+        return (profile.alphas if self.alphas is None else tuple(self.alphas),
+                profile.graybox_attacks if self.attacks is None else tuple(self.attacks))
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON, the dataset's alphas and attacks filled in."""
+        out = super().to_json()
+        alphas, attacks = self.resolved()
+        out["alphas"], out["attacks"] = list(alphas), [list(a) for a in attacks]
+        return out
+
 
 def run_graybox(config: GrayboxConfig) -> dict[str, Any]:
     """Run the Tables 7-8 protocol; return the results (JSON-able but for ``results['curves']``)."""
@@ -105,8 +118,7 @@ def run_graybox(config: GrayboxConfig) -> dict[str, Any]:
     for index in (1, 2) if config.wide else (1,):
         name = profile.roles[index].role
         models[name], setup.model_info[name] = obtain_role(config, setup, index, timer)
-    alphas = profile.alphas if config.alphas is None else tuple(config.alphas)
-    attacks = profile.graybox_attacks if config.attacks is None else tuple(config.attacks)
+    alphas, attacks = config.resolved()
     defences = {name: fit_defence(config, setup, model, timer, name, baseline=False) for name, model in models.items()}
     n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
     x, y = setup.x_eval[:n], setup.y_eval[:n]
