@@ -325,17 +325,22 @@ EXPERIMENTS: dict[str, Experiment] = {
     "semi-whitebox": Experiment(
         help="Section 4.2 (Table 6 protocol): attack strengths bisected to the paper's adversarial accuracies, "
              "ID-95 / ID-99 detection on balanced sets",
-        description="The paper's semi-white-box protocol on model F: FGSM, Iter-Linf, Iter-L2 and DeepFool "
-                    "strengths found by bisection so that F's adversarial accuracy hits each Table 6 target; "
-                    "AUC and ID-95 / ID-99 (held-out and training-data thresholds) beside the paper's CIFAR-10 "
-                    "values. Writes results.json, report.md and ROC PNGs into --out.",
+        description="The paper's semi-white-box protocol on model F (Fashion-MNIST, MNIST) or WRN-34-8 "
+                    "(CIFAR-10; --weights FILE, or trained and cached): FGSM, Iter-Linf, Iter-L2 and DeepFool "
+                    "strengths found by bisection so that the model's adversarial accuracy hits each Table 6 "
+                    "target; AUC and ID-95 / ID-99 (held-out and training-data thresholds) beside the paper's "
+                    "CIFAR-10 values. --stand-in: the CIFAR-10 pipeline in seconds on random images (not a "
+                    "reproduction). Writes results.json, report.md and ROC PNGs into --out.",
         options=_semiwhitebox_options, run=_semiwhitebox, datasets=PROTOCOL_DATASETS),
     "graybox": Experiment(
         help="Section 4.3 (Tables 7-8 protocol): Eq. 6 crafted on Source, evaluated on Source, Target and a "
              "wider network",
-        description="The paper's gray-box protocol: two copies of model F (seeds seed+1, seed+2) and a 1.5x "
-                    "wider one, each with its own I-defender; GrayBox (Eq. 6) crafted on Source with alpha in "
-                    "{0, 1e-3, 1e-2, 1e-1, 1}. Writes results.json, report.md and ROC PNGs into --out.",
+        description="The paper's gray-box protocol: Source and Target (model F, or WRN-34-8 on CIFAR-10; seeds "
+                    "seed+1, seed+2) and a bigger network (a 1.5x wider F, or WRN-46-8), each with its own "
+                    "I-defender; GrayBox (Eq. 6) crafted on Source with alpha in {0, 1e-3, 1e-2, 1e-1, 1} "
+                    "(CIFAR-10: the paper's 1e-3, 1e-2, 1e-1 and eps). --stand-in: the CIFAR-10 pipeline in "
+                    "seconds on random images (not a reproduction). Writes results.json, report.md and ROC "
+                    "PNGs into --out.",
         options=_graybox_options, run=_graybox, datasets=PROTOCOL_DATASETS),
     "adaptive": Experiment(
         help="adaptive white-box attacker (MarginPGD on DefendedModel) at eps 0.05-0.3, beside Mahalanobis, no "

@@ -1,6 +1,7 @@
-"""The paper's semi-white-box protocol (Section 4.2, Table 6) on MNIST / Fashion-MNIST.
+"""The paper's semi-white-box protocol (Section 4.2, Table 6) on MNIST / Fashion-MNIST / CIFAR-10.
 
-The attacker uses model F's own gradients and knows nothing of the detector. As in the
+The model is F on the MNIST family and WRN-34-8 on CIFAR-10 (the paper's own setting; the
+dataset's profile in ``_datasets.PROFILES``). The attacker uses the model's own gradients and knows nothing of the detector. As in the
 paper (which follows SafetyNet's protocol), each attack's strength is set so that F's
 adversarial accuracy matches a target: Iter-Linf 13.14%, Iter-L2 10.80%, FGSM 27.84%,
 DeepFool 24.53%, Iter-Linf 29.56%, FGSM 45.68%. The strength is found by bisection on the
