@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from idefender_gpu.data import cache_dir
+from idefender_gpu.experiments import paper
 from idefender_gpu.models import (
     build_model,
     checkpoint_key,
@@ -111,9 +112,7 @@ PROFILES: dict[str, Profile] = {
     "mnist": Profile("mnist", **_MNIST_FAMILY),
     "cifar10": Profile(
         "cifar10", roles=_CIFAR_ROLES, layers=(hidden_layer("wrn-34-8"),), epochs=200,
-        graybox_attacks=(("Iter-Linf eps=0.013", "bim", 0.013), ("Iter-Linf eps=0.0085", "bim", 0.0085),
-                         ("Iter-L2 eps=0.47", "l2", 0.47), ("FGSM eps=0.075", "fgsm", 0.075)),
-        alphas=(1e-3, 1e-2, 1e-1),
+        graybox_attacks=paper.GRAYBOX_ATTACKS, alphas=paper.GRAYBOX_ALPHAS,
         graybox_notes=("Source and Target: WRN-34-8 trained twice (seeds seed + 1 and seed + 2) with the WRN "
                        "paper's recipe (`idefender-gpu train`); Wide: WRN-46-8 (seed + 3). Each has its own "
                        "I-defender on the input of its last Linear layer (the pooled 512 / 512 features).",

@@ -6,7 +6,8 @@ columns are copied by the paper from Samangouei et al. (2018).
 
 from __future__ import annotations
 
-__all__ = ["FGSM_TABLES", "GRAYBOX_TABLES", "SEMIWHITEBOX_TABLE", "SETTINGS_TABLES", "fgsm_paper_auc"]
+__all__ = ["FGSM_TABLES", "GRAYBOX_ALPHAS", "GRAYBOX_ATTACKS", "GRAYBOX_TABLES", "SEMIWHITEBOX_TABLE",
+           "SETTINGS_TABLES", "fgsm_paper_auc"]
 
 #: dataset -> {"table": paper table, "figure": ROC figure, "defense_gan": its GD setting,
 #: "rows": {eps: (Defense-GAN AUC, I-defender AUC)}} (Tables 3 and 5)
@@ -80,6 +81,12 @@ SEMIWHITEBOX_TABLE = ("Table 6", "CIFAR-10", [
     ("FGSM 45.68%", "FGSM", 0.4568, {"SVM": 61.755, "mSVM": 60.895, "Subnet": 49.27, "ID-95": 85.024,
                                      "ID-99": 87.596}),
 ])
+
+#: Tables 7 and 8's attacks on CIFAR-10: (label, GrayBox base, eps on [0, 1] pixels), and the
+#: weights alpha of Eq. 6's detector term
+GRAYBOX_ATTACKS = (("Iter-Linf eps=0.013", "bim", 0.013), ("Iter-Linf eps=0.0085", "bim", 0.0085),
+                   ("Iter-L2 eps=0.47", "l2", 0.47), ("FGSM eps=0.075", "fgsm", 0.075))
+GRAYBOX_ALPHAS = (1e-3, 1e-2, 1e-1)
 
 #: Tables 7 and 8 (CIFAR-10, WRN34-8 Source and Target; WRN46-8), detection AUC in %, as
 #: extracted from the paper: four rows per column, in the paper's order, under an alpha
