@@ -126,9 +126,13 @@ def add_common_options(parser: argparse.ArgumentParser, datasets: tuple[str, ...
                         help="output folder (default results/reproduce-<dataset>, ignored by git)")
     parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
                         help="seed of model E and of the mixtures' k-means; model F uses seed + 1 (default 0)")
-    parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
-                        help="training epochs of the models (default 5 for models E and F; 200 for CIFAR-10's "
-                             "WideResNets, 1 with --stand-in)")
+    if set(datasets) <= set(MNIST_FAMILY):
+        parser.add_argument("--epochs", type=positive_int, default=5, metavar="N",
+                            help="training epochs of models E and F (default %(default)s)")
+    else:  # the dataset's default
+        parser.add_argument("--epochs", type=positive_int, default=None, metavar="N",
+                            help="training epochs of the models (default 5 for model F; 200 for CIFAR-10's "
+                                 "WideResNets, 1 with --stand-in)")
     parser.add_argument("--device", type=device, default=None, metavar="DEVICE",
                         help="torch device such as cpu, cuda or cuda:1 (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
