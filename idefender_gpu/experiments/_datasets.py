@@ -183,7 +183,9 @@ def _from_weights(path: Any, name: str, data: Any, device: torch.device) -> tupl
     trained_on = info.get("dataset")
     if trained_on is not None and trained_on != data.name:
         raise ValueError(f"--weights {os.fspath(path)!r} holds a {name} trained on {trained_on}, not on {data.name}")
-    info = {**info, "path": os.fspath(path), "cached": True, "user_weights": True}
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}  # idefender-gpu train's record
+    info = {"seed": config.get("seed"), "epochs": info.get("epochs_done", config.get("epochs")), **info,
+            "path": os.fspath(path), "cached": True, "user_weights": True}
     return model.to(device).eval(), info, f"{name} from the user's checkpoint {Path(path).name}"
 
 
