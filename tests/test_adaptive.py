@@ -6,8 +6,9 @@ fc1 layer. Oracles and invariants: the reject decision of the (K+1) logits equal
 detector's own ``reject`` (also one ulp from the threshold, and for a Mahalanobis detector
 scoring under the closest class); input dtypes are cast; the output width is exposed and
 accepted by ART; APGD's checkpoints are the paper's; MarginPGD stays in the eps ball and the
-bounds, never returns a point of lower margin than the clean input, and is at least as strong
-as torchattacks' PGD (and as BIM) at the same eps and steps.
+bounds, never returns a point of lower margin than the clean input, runs its targeted losses
+in the documented order, and is at least as strong as torchattacks' PGD (and as BIM) at the
+same eps and steps.
 """
 
 from __future__ import annotations
@@ -227,3 +228,50 @@ def test_margin_pgd_reject_index_checked(toy):
         MarginPGD(toy.model, eps=0.1, n_targets=-1)
     assert MarginPGD(toy.model, eps=0.1)._reject() is None
     assert MarginPGD(DefendedModel(toy.detector), eps=0.1)._reject() == 3
+
+
+def test_margin_pgd_targeted_losses(toy, monkeypatch):
+    """targeted_loss: the cross-entropy over all K + 1 outputs is z_t - logsumexp(z); 'both'
+    runs, per target, the margin then the cross-entropy, on the samples not yet evaded."""
+    defended = DefendedModel(toy.detector).eval()
+    x, y = toy.x[:8], toy.y[:8]
+    attack = MarginPGD(defended, eps=0.01, steps=2, n_targets=2)
+    assert attack.targeted_loss == "both"
+    with torch.no_grad():
+        z = defended(x)
+    target = (y + 1) % 3
+    torch.testing.assert_close(attack._margins(z, y, target, "ce"), z.gather(1, target[:, None])[:, 0] - z.logsumexp(1))
+    rows = torch.arange(8)
+    others = z.clone()
+    others[rows, target] = float("-inf")
+    torch.testing.assert_close(attack._margins(z, y, target, "margin"), z[rows, target] - others.amax(1))
+    seen = []
+
+    def never_evades(xb, yb, tb, kind="margin"):
+        seen.append((tb is None, kind, len(xb)))
+        return xb.clone(), torch.full((len(xb),), -1.0)
+
+    monkeypatch.setattr(attack, "_run", never_evades)
+    attack(x, y)
+    clean = int((margin_of(defended, x, y) <= 0).sum())
+    assert seen == [(True, "margin", clean)] + [(False, kind, clean) for _ in range(2) for kind in ("margin", "ce")]
+    assert "targeted_loss='ce'" in repr(MarginPGD(defended, eps=0.01, targeted_loss="ce"))
+    with pytest.raises(ValueError, match="'targeted_loss' parameter of MarginPGD"):
+        MarginPGD(defended, eps=0.01, targeted_loss="dlr")
+
+
+def test_auto_margin_unit_is_half_the_feature_count(toy):
+    """margin_unit='auto': D / 2 nats for a detector of D features (the same decision as any
+    unit, the asinh of margin / (D / 2)); a detector without n_features_ is told to pass a number."""
+    width = sum(toy.detector.n_features_.values())
+    auto = DefendedModel(toy.detector, margin_unit="auto")
+    assert auto.unit == width / 2
+    x = toy.x[:32]
+    torch.testing.assert_close(auto(x), DefendedModel(toy.detector, margin_unit=width / 2)(x), rtol=0, atol=0)
+    assert torch.equal(auto.predict(x), DefendedModel(toy.detector).predict(x))
+    bare = DefendedModel(SimpleNamespace(model=toy.model, log_density=toy.detector.log_density,
+                                         thresholds_=toy.detector.thresholds_), margin_unit="auto")
+    with pytest.raises(ValueError, match="margin_unit='auto' needs"):
+        bare(x)
+    with pytest.raises(ValueError, match="'margin_unit' parameter of DefendedModel"):
+        DefendedModel(toy.detector, margin_unit="wide")

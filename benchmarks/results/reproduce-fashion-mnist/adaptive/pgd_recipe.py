@@ -4,15 +4,18 @@ Fits I-defender on model F (the cached checkpoint of ``reproduce``: seed 1, 5 ep
 Fashion-MNIST training set, ID-95 thresholds from the last 2000 test images (as ``reproduce
 adaptive``), then attacks the first N test images at Linf eps with 40 steps:
 
-- ``margin``: MarginPGD (1 restart, 3 targets) on ``DefendedModel(detector)``;
+- ``margin``: MarginPGD (1 restart, 3 targets) on ``DefendedModel(detector)``; option
+  ``loss=margin|ce|both`` (its ``targeted_loss``, default both);
 - ``ta``: torchattacks' targeted PGD (alpha = 2.5 eps / 40, random start) towards F's best wrong
   class; options ``targets=3`` (each of the 3 best wrong classes in turn, first evasion kept),
-  ``alpha=M`` (alpha = M eps / 40), ``margin_unit=U``, ``scale=S`` (DefendedModel's);
+  ``alpha=M`` (alpha = M eps / 40), ``margin_unit=U`` (a number or ``auto``), ``scale=S``
+  (DefendedModel's; options of every kind, separated by ``;``);
 - ``ownbest``: the same PGD re-implemented, keeping any evading iterate (best-step keeping).
 
 Success: of the images F classifies correctly, the share misclassified and not rejected.
 
     python pgd_recipe.py 200 "margin,ta,ta:targets=3,ta:margin_unit=300" 0.05,0.1
+    python pgd_recipe.py 200 "margin:loss=margin,margin,margin:margin_unit=auto,ta:targets=3;margin_unit=auto" 0.05,0.1
 """
 
 import sys
@@ -75,10 +78,12 @@ for eps in EPS:
         t = time.time()
         kind, _, opts = w.partition(":")
         kw = dict(o.split("=") for o in opts.split(";") if o)
-        d = DefendedModel(det, **{k: float(v) for k, v in kw.items() if k in ("scale", "margin_unit")}).eval()
+        d = DefendedModel(det, **{k: v if v == "auto" else float(v) for k, v in kw.items()
+                                  if k in ("scale", "margin_unit")}).eval()
         ok = torch.zeros(N, dtype=torch.bool)
         if kind == "margin":
-            ok = evades(d, MarginPGD(d, eps=eps, steps=STEPS, n_restarts=1, n_targets=3)(x, y))
+            ok = evades(d, MarginPGD(d, eps=eps, steps=STEPS, n_restarts=1, n_targets=3,
+                                     targeted_loss=kw.get("loss", "both"))(x, y))
         else:
             for k in range(int(kw.get("targets", 1))):
                 if kind == "ta":
