@@ -770,6 +770,30 @@ class TestKeOps(KernelContract):
             names = ("log_weights", "prec_chol")
         self._log_prob_norm_gradcheck(fn, gradcheck_type, layout, names)
 
+    @pytest.fixture(params=["full", "diag"])
+    def float32_mstep_type(self, request):
+        return request.param
+
+    def test_m_step_statistics_float32(self, fn, float32_mstep_type, mstep_layout):
+        """The float32 M-step reduction of full and diag only (each is a formula compiled on
+        first use): the statistics terms of the other two are sub-expressions of these
+        (tied's ``Concat(1, x - mu)`` of full's, spherical's of diag's), and their
+        float32 Mahalanobis terms run in ``test_log_prob_norm_float32``."""
+        super().test_m_step_statistics_float32(fn, float32_mstep_type, mstep_layout)
+
+    @pytest.mark.parametrize("dtype", [torch.float64])
+    def test_fused_kernels_keep_dtype_and_device(
+        self, fn, covariance_type, mstep_layout, dtype, device
+    ):
+        super().test_fused_kernels_keep_dtype_and_device(
+            fn, covariance_type, mstep_layout, dtype, device)
+
+    def test_fused_kernels_keep_float32_and_device(self, fn, float32_mstep_type, mstep_layout,
+                                                   device):
+        """float32 for the M-step formulas compiled in float32 (full and diag)."""
+        super().test_fused_kernels_keep_dtype_and_device(
+            fn, float32_mstep_type, mstep_layout, torch.float32, device)
+
     def test_m_step_statistics_slices_match_one_reduction(self, fn, covariance_type, mstep_layout):
         """The M-step reduction's chunk axis (issue 16, slow item 2): 23 samples in slices
         of 5 (the last one padded) give the statistics of one reduction over all of them,
