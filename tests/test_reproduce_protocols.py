@@ -62,6 +62,10 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+#: the semi-white-box bisection's tolerance here: 70 attacked images resolve 1/70 = 0.014
+SEMI_TOLERANCE = 0.02
+
+
 def _png_ok(path: Path) -> None:
     raw = path.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
@@ -72,17 +76,18 @@ def _png_ok(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def semiwhitebox(tmp_path_factory):
-    return _run(tmp_path_factory, "semi-whitebox", "--n-attack", "100", "--tolerance", "0.015")
+    return _run(tmp_path_factory, "semi-whitebox", "--n-attack", "70", "--tolerance", str(SEMI_TOLERANCE))
 
 
 @pytest.fixture(scope="module")
 def graybox(tmp_path_factory):
-    return _run(tmp_path_factory, "graybox", "--n-attack", "100")
+    return _run(tmp_path_factory, "graybox", "--n-attack", "50")
 
 
 @pytest.fixture(scope="module")
 def adaptive(tmp_path_factory):
-    return _run(tmp_path_factory, "adaptive", "--n-attack", "100", "--steps", "10", "--eps", "0.1,0.3")
+    return _run(tmp_path_factory, "adaptive", "--n-attack", "100", "--steps", "10", "--targets", "2",
+                "--eps", "0.1,0.3")
 
 
 @pytest.mark.slow
@@ -97,15 +102,15 @@ def test_semiwhitebox_bisection_hits_the_targets(semiwhitebox):
     assert [r["column"] for r in records] == ["Iter-Linf 13.14%", "Iter-L2 10.80%", "FGSM 27.84%",
                                               "DeepFool 24.53%", "Iter-Linf 29.56%", "FGSM 45.68%"]
     for r in records:
-        assert r["n"] == 100
+        assert r["n"] == 70
         if r["clean_acc"] > r["target_adv_acc"] + 0.05:  # reachable: F is more accurate than the target
-            assert abs(r["adv_acc"] - r["target_adv_acc"]) <= 0.015, r["column"]
+            assert abs(r["adv_acc"] - r["target_adv_acc"]) <= SEMI_TOLERANCE + 1e-12, r["column"]
             assert r["within_tolerance"]
         if r["attack"] in ("FGSM", "BIM"):
             assert r["mean_linf"] <= r["strength"] + 1e-6
     deepfool = records[3]
     assert deepfool["strength_is"] == "overshoot" and deepfool["max_iter"] >= 1
-    # the strongest Iter-Linf column is detected well above chance (0.5 +- 0.04 with 100 + 100 inputs)
+    # the strongest Iter-Linf column is detected well above chance (0.5 +- 0.05 with 70 + 70 inputs)
     assert records[0]["auc"] >= 0.7, records[0]["auc"]
     assert records[0]["paper"]["ID-95"] == 81.28 and records[0]["paper_dataset"] == "CIFAR-10"
     report = (out / "report.md").read_text()
@@ -156,6 +161,33 @@ def test_adaptive_margin_attack_is_not_weaker_than_off_the_shelf(adaptive):
         assert r["max_linf"] <= r["eps"] + 1e-6
     report = (out / "report.md").read_text()
     assert "ours at least as strong" in report and "**NO**" not in report
+
+
+@pytest.mark.slow
+@needs_data
+def test_adaptive_worst_case_row_is_the_per_image_union(adaptive):
+    """The worst case over every attack of a defence and eps (AutoAttack-style) is its own
+    row: at least each attack's success, at most their sum; a defence attacked by MarginPGD
+    alone has the same success; the comparison reports it beside MarginPGD."""
+    from idefender_gpu.experiments.adaptive import WORST_CASE
+
+    results = _results(adaptive[1])
+    records = results["records"]
+    for eps in (0.1, 0.3):
+        for defence in ("none", "I-defender", "Mahalanobis"):
+            singles = [r for r in records if r["eps"] == eps and r["defence"] == defence and r["attack"] != WORST_CASE]
+            (worst,) = [r for r in records if r["eps"] == eps and r["defence"] == defence and r["attack"] == WORST_CASE]
+            assert worst["attacks"] == [r["attack"] for r in singles]
+            rates = [r["success_rate"] for r in singles]
+            assert max(rates) <= worst["success_rate"] <= min(1.0, sum(rates)) + 1e-12
+            assert worst["accuracy_with_rejection"] <= min(r["accuracy_with_rejection"] for r in singles) + 1e-12
+            if len(singles) == 1:
+                assert worst["success_rate"] == rates[0]
+        (c,) = [c for c in results["comparison"] if c["eps"] == eps]
+        assert c["worst_case"] >= c["ours"] and c["worst_case_above_ours"] == c["worst_case"] - c["ours"]
+        assert c["best_off_the_shelf_attack"] in ("torchattacks PGD (targeted)", "ART PGD (targeted)")
+    assert len({r["attack"] for r in records if r["defence"] == "I-defender" and r["eps"] == 0.1}) == 4
+    assert "worst case (any attack)" in (adaptive[1] / "report.md").read_text()
 
 
 @pytest.mark.slow
