@@ -7,7 +7,7 @@ For each workload (``a``, ``b``, ``d-diag`` by default; the shapes of
 iteration (initialisation and the final E-step cancel), best of ``--repeats``. A chunk of
 ``r`` rows is asked for through the public ``memory_budget`` (``r`` times
 ``kernels.pass_bytes_per_row``, which the fused pass divides back); ``auto`` is the
-default rule (``kernels.pass_rows``: the per-core cache, at least ``MIN_PASS_ROWS``).
+default rule (``kernels.pass_rows``: the default 8 MiB budget, at least ``MIN_PASS_ROWS``).
 
 Time only on an idle machine (no other job beside it), e.g.::
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info("cpu"),
         "threads": args.threads,
         "load_average_before": os.getloadavg(),
-        "cache_bytes": kernels.cache_bytes(),
+        "default_budget_bytes": kernels.DEFAULT_MEMORY_BUDGET["cpu"],
         "scale": args.scale,
         "results": [study(name, args.rows, args.scale, args.repeats, args.seed)
                     for name in args.workloads],

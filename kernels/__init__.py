@@ -15,13 +15,11 @@ detector stack).
 """
 
 from ._chunks import (
-    CACHE_SHARE,
     CUDA_FREE_FRACTION,
-    DEFAULT_CACHE_BYTES,
     DEFAULT_MEMORY_BUDGET,
     MIN_CHUNK_ROWS,
+    MAX_PASS_BYTES,
     MIN_PASS_ROWS,
-    cache_bytes,
     chunk_rows,
     default_memory_budget,
     pass_rows,
@@ -55,11 +53,9 @@ from ._linalg import (
 from ._settings import allow_tf32, tf32_enabled
 
 __all__ = [
-    "CACHE_SHARE",
     "COVARIANCE_TYPES",
-    "DEFAULT_CACHE_BYTES",
+    "MAX_PASS_BYTES",
     "MIN_PASS_ROWS",
-    "cache_bytes",
     "em_pass",
     "pass_bytes_per_row",
     "pass_rows",

@@ -8,20 +8,16 @@ on CUDA with a minimum row count (large GEMMs).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 __all__ = [
-    "CACHE_SHARE",
     "CUDA_FREE_FRACTION",
-    "DEFAULT_CACHE_BYTES",
     "DEFAULT_MEMORY_BUDGET",
     "MIN_CHUNK_ROWS",
+    "MAX_PASS_BYTES",
     "MIN_PASS_ROWS",
-    "cache_bytes",
     "chunk_rows",
     "default_memory_budget",
     "pass_rows",
@@ -85,60 +81,18 @@ def _chunks(n_rows: int, rows: int) -> Iterator[slice]:
 
 
 # --------------------------------------------------------------------------------------
-# Chunks of the fused EM pass: sized to the cache (CPU)
+# Chunks of the fused EM pass (CPU)
 # --------------------------------------------------------------------------------------
 
-#: Cache bytes assumed where ``/sys/devices/system/cpu/cpu0/cache`` is not readable.
-DEFAULT_CACHE_BYTES = 1 * 2**20
-
-#: Share of :func:`cache_bytes` that one chunk's working set of the fused pass fills on
-#: CPU. Measured (``benchmarks/chunk_study.py``, 1 thread, loaded 2-core EPYC, 1 MiB L2):
-#: d-diag (K=256, D=16, diag) ran fastest at about 1000 rows (1.2 MB of buffers), 20%
-#: slower at 256 or 4096 rows, 2x slower at 64; the old unfused path took 5.7x as long.
-CACHE_SHARE = 1.0
-
 #: Fewest rows per chunk of the fused pass on CPU by default: below this the GEMMs are
-#: too thin to run near the matmul peak (workload a, full, K=5, D=128, G=10: 128 rows
-#: 25% faster than 64, 2.6x faster than 32; ``benchmarks/chunk_study.py``).
+#: too thin to run near the matmul peak (workload b, full, K=3, D=512, G=10, idle, 2
+#: threads: 58 rows 1.55 s per iteration, 128 to 8192 rows 1.23-1.35 s;
+#: ``benchmarks/chunk_study.py``).
 MIN_PASS_ROWS = 128
 
-_SIZE_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30}
-
-
-def _parse_size(text: str) -> int:
-    """``'1024K'`` -> 1048576 (the format of sysfs cache sizes)."""
-    text = text.strip()
-    if text and text[-1].upper() in _SIZE_SUFFIX:
-        return int(text[:-1]) * _SIZE_SUFFIX[text[-1].upper()]
-    return int(text)
-
-
-def _n_cpus(cpu_list: str) -> int:
-    """Number of CPUs in a sysfs list such as ``'0-3,8'``."""
-    total = 0
-    for part in cpu_list.split(","):
-        first, _, last = part.partition("-")
-        if first:
-            total += int(last or first) - int(first) + 1
-    return max(1, total)
-
-
-@functools.lru_cache(maxsize=None)
-def cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
-    """Bytes of the largest data cache private to one core (L2 on current x86 and ARM
-    servers), read once from sysfs; where no cache is private, the largest share per
-    core of a shared one; :data:`DEFAULT_CACHE_BYTES` where sysfs has no answer."""
-    private, shares = [], []
-    for index in sorted(Path(root).glob("index*")):
-        try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            size = _parse_size((index / "size").read_text())
-            n_sharing = _n_cpus((index / "shared_cpu_list").read_text().strip())
-        except (OSError, ValueError):
-            continue
-        (private if n_sharing == 1 else shares).append(size // n_sharing)
-    return max(private or shares or [DEFAULT_CACHE_BYTES])
+#: Most bytes of one chunk's buffers that :data:`MIN_PASS_ROWS` may ask for by default
+#: (a chunk of 128 rows of ImageNet's 1000 classes would need gigabytes; then fewer rows).
+MAX_PASS_BYTES = 64 * 2**20
 
 
 def pass_rows(
@@ -147,14 +101,18 @@ def pass_rows(
     """Rows per chunk of the fused EM pass (:func:`~._fused.em_pass`).
 
     An explicit ``memory_budget`` is honoured exactly, as in :func:`chunk_rows`. By
-    default, on CPU the chunk's working set (``bytes_per_row`` per row) fills
-    :data:`CACHE_SHARE` of :func:`cache_bytes`, with at least :data:`MIN_PASS_ROWS` rows,
-    and never more than the default budget; on other devices :func:`chunk_rows`'s rule.
+    default, on CPU the chunk's buffers (``bytes_per_row`` per row) fill the default budget
+    (8 MiB), with at least :data:`MIN_PASS_ROWS` rows while those stay within
+    :data:`MAX_PASS_BYTES`; on other devices :func:`chunk_rows`'s rule. Measured idle on 2
+    cores (``benchmarks/chunk_study.py``): chunks sized to the 512 KiB-1 MiB L2 cache (the
+    former rule) were up to 2.6x slower on d-diag (907 rows: 1.25 s per iteration, 8192
+    rows: 0.47 s): every chunk costs a dozen tensor operations, and below a few thousand
+    rows their fixed cost, not the cache, dominates.
     """
     device = torch.device(device)
     if memory_budget is not None or device.type != "cpu":
         return chunk_rows(n_rows, bytes_per_row, memory_budget, device)
     per_row = max(1, bytes_per_row)
-    rows = max(MIN_PASS_ROWS, int(CACHE_SHARE * cache_bytes()) // per_row)
-    rows = min(rows, max(1, default_memory_budget(device) // per_row))
+    rows = default_memory_budget(device) // per_row
+    rows = max(rows, min(MIN_PASS_ROWS, MAX_PASS_BYTES // per_row))
     return max(1, min(n_rows, rows))

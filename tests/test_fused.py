@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import idefender_gpu.kernels as ker
-from idefender_gpu.kernels import _chunks, _dense
+from idefender_gpu.kernels import _dense
 from conftest import make_blobs, tol
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -135,38 +135,19 @@ def test_in_memory_fit_equals_streamed_fit(covariance_type):
 # --------------------------------------------------------------------------------------
 
 
-def _fake_cache(root, entries):
-    for i, (level, kind, size, shared) in enumerate(entries):
-        index = root / f"index{i}"
-        index.mkdir(parents=True)
-        (index / "level").write_text(f"{level}\n")
-        (index / "type").write_text(f"{kind}\n")
-        (index / "size").write_text(f"{size}\n")
-        (index / "shared_cpu_list").write_text(f"{shared}\n")
-    return str(root)
-
-
-def test_cache_bytes_reads_sysfs_and_falls_back(tmp_path):
-    root = _fake_cache(tmp_path / "a", [(1, "Data", "32K", "0"), (1, "Instruction", "32K", "0"),
-                                        (2, "Unified", "1024K", "0"),
-                                        (3, "Unified", "32768K", "0-3")])
-    assert _chunks.cache_bytes(root) == 2**20  # the L2, private to the core
-    root = _fake_cache(tmp_path / "b", [(3, "Unified", "32M", "0-3,8-11")])
-    assert _chunks.cache_bytes(root) == 4 * 2**20  # no private cache: the share per core
-    assert _chunks.cache_bytes(str(tmp_path / "missing")) == ker.DEFAULT_CACHE_BYTES
-
-
-def test_pass_rows_from_the_cache_and_an_explicit_budget_exactly(monkeypatch):
-    monkeypatch.setattr(_chunks, "cache_bytes", lambda: 4 * 2**20)
+def test_pass_rows_fill_the_default_budget_with_a_floor_and_an_explicit_budget_exactly():
+    budget = ker.DEFAULT_MEMORY_BUDGET["cpu"]
     bpr = ker.pass_bytes_per_row("diag", 1, 256, 16, 4)
     assert bpr == (256 + 33) * 4
-    expected = int(ker.CACHE_SHARE * 4 * 2**20) // bpr
-    assert ker.pass_rows(10**6, bpr, None, "cpu") == expected
+    assert ker.pass_rows(10**6, bpr, None, "cpu") == budget // bpr  # 7256 rows of d-diag
     assert ker.pass_rows(100, bpr, None, "cpu") == 100  # never more than N
-    # thin GEMMs are slow: at least MIN_PASS_ROWS rows (4 MiB of cache / 40 kB: 104)...
-    assert ker.pass_rows(10**6, 40_000, None, "cpu") == ker.MIN_PASS_ROWS
-    # ... but never more than the default memory budget allows
-    assert ker.pass_rows(10**6, 2**20, None, "cpu") == ker.DEFAULT_MEMORY_BUDGET["cpu"] // 2**20
+    # thin GEMMs are slow: at least MIN_PASS_ROWS rows (8 MiB / 143 kB would be 58: workload b)...
+    b_row = ker.pass_bytes_per_row("full", 10, 3, 512, 4)
+    assert budget // b_row < ker.MIN_PASS_ROWS
+    assert ker.pass_rows(10**6, b_row, None, "cpu") == ker.MIN_PASS_ROWS
+    # ... while those stay within MAX_PASS_BYTES (ImageNet's 1000 classes: 49 MB per row)
+    c1_row = ker.pass_bytes_per_row("full", 1000, 1, 4096, 4)
+    assert ker.pass_rows(10**6, c1_row, None, "cpu") == max(1, ker.MAX_PASS_BYTES // c1_row)
     assert ker.pass_rows(10**6, bpr, 10 * bpr, "cpu") == 10  # an explicit budget, exactly
     assert ker.pass_rows(10**6, bpr, 1, "cpu") == 1
 
