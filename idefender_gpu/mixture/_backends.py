@@ -94,18 +94,20 @@ def prefers_keops(n_features: int, n_components: int, covariance_type: str) -> b
     KeOps evaluates each (sample, component) term in registers: it wins when the per-pair
     work is small (few features) and there are many components, where the dense backend
     moves ``N K D`` intermediates through memory. Dense batched GEMMs win everywhere else.
-    Measured on a 2-core AMD EPYC CPU (``benchmarks/results/backends_cpu.json``): KeOps won
-    only at D = 2, with K >= 32 (full) or K = 256 (tied, diag, spherical), of
-    N in {1e4, 1e5}, K in {4, 32, 256}, D in {2, 8, 16, 32, 64}. No GPU map yet.
+    Measured on a 2-core AMD EPYC CPU: before the fused dense pass
+    (``benchmarks/results/backends_cpu.json``, N in {1e4, 1e5}, K in {4, 32, 256}, D in {2,
+    8, 16, 32, 64}) KeOps won only at D = 2; with it (``backends_cpu_d2.json``, the D = 2
+    points, idle, 2 threads) only full covariances with K = 256 are left (1.1x at N = 1e4,
+    2.0x at 1e5; tied won at N = 1e5 only, diag and spherical nowhere). No GPU map yet.
     """
     return (n_features <= AUTO_KEOPS_MAX_FEATURES[covariance_type]
             and n_components >= AUTO_KEOPS_MIN_COMPONENTS[covariance_type])
 
 
-#: Largest D where KeOps beat dense in the backend benchmark, per covariance type.
-AUTO_KEOPS_MAX_FEATURES = {"full": 2, "tied": 2, "diag": 2, "spherical": 2}
+#: Largest D where KeOps beat dense in the backend benchmark, per covariance type (0: nowhere).
+AUTO_KEOPS_MAX_FEATURES = {"full": 2, "tied": 0, "diag": 0, "spherical": 0}
 #: Fewest components where KeOps beat dense at that D, per covariance type.
-AUTO_KEOPS_MIN_COMPONENTS = {"full": 32, "tied": 256, "diag": 256, "spherical": 256}
+AUTO_KEOPS_MIN_COMPONENTS = {"full": 256, "tied": 256, "diag": 256, "spherical": 256}
 
 
 def resolve_backend(name: str, n_features: int, n_components: int, covariance_type: str):
