@@ -35,6 +35,7 @@ from idefender_gpu.data._common import (
     _download_failed,
     _named_folder,
     _new_top,
+    _not_found_first_line,
     _remove_empty_dirs,
     cache_dir,
 )
@@ -129,17 +130,7 @@ def _pickled_copies(dirs: list[Path]) -> list[Path]:
 
 
 def _not_found_message(name: str, root: Any, words: dict[str, str]) -> str:
-    named = _named_folder(root)
-    if named is None:
-        first = (f"{name}: the binary batch files were not found in the default folders (no "
-                 f"{words['root']} or {words['env']} given).")
-    else:
-        folder, how = named
-        given = f"the folder given by {words['root']}" if how == "root" else \
-            f"the folder named by {words['env']}"
-        state = "does not exist" if not folder.exists() else (
-            "is not a folder" if not folder.is_dir() else f"holds no {name} binary batch files")
-        first = f"{name}: {given}, {folder}, {state}."
+    first = _not_found_first_line(name, root, words, "binary batch files")
     dirs = search_dirs(name, root)
     looked = "\n".join(f"  - {d}" for d in dirs)
     expected = ", ".join(n for names in BATCHES.values() for n in names)

@@ -47,6 +47,21 @@ def _named_folder(root: Any) -> tuple[Path, str] | None:
     return None
 
 
+def _not_found_first_line(name: str, root: Any, words: dict[str, str], files: str) -> str:
+    """The first line of a not-found message: which ``files`` (e.g. ``'IDX files'``) of
+    ``name`` are missing, and from the default folders or from the one the user named."""
+    named = _named_folder(root)
+    if named is None:
+        return (f"{name}: the {files} were not found in the default folders (no {words['root']} "
+                f"or {words['env']} given).")
+    folder, how = named
+    given = f"the folder given by {words['root']}" if how == "root" else \
+        f"the folder named by {words['env']}"
+    state = "does not exist" if not folder.exists() else (
+        "is not a folder" if not folder.is_dir() else f"holds no {name} {files}")
+    return f"{name}: {given}, {folder}, {state}."
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A loaded image classification dataset, images in ``[0, 1]``.

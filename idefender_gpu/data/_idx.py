@@ -44,6 +44,7 @@ from idefender_gpu.data._common import (
     _download_failed,
     _named_folder,
     _new_top,
+    _not_found_first_line,
     _remove_empty_dirs,
     cache_dir,
 )
@@ -234,17 +235,7 @@ def _how_to_get(spec: _Spec, words: dict[str, str]) -> str:
 
 def _not_found_message(spec: _Spec, root: Any, words: dict[str, str]) -> str:
     """The whole not-found text; its first line says what is missing (and where)."""
-    named = _named_folder(root)
-    if named is None:
-        first = (f"{spec.name}: the IDX files were not found in the default folders (no {words['root']} "
-                 f"or {words['env']} given).")
-    else:
-        folder, how = named
-        given = f"the folder given by {words['root']}" if how == "root" else \
-            f"the folder named by {words['env']}"
-        state = "does not exist" if not folder.exists() else (
-            "is not a folder" if not folder.is_dir() else f"holds no {spec.name} IDX files")
-        first = f"{spec.name}: {given}, {folder}, {state}."
+    first = _not_found_first_line(spec.name, root, words, "IDX files")
     looked = "\n".join(f"  - {d}" for d in search_dirs(spec.name, root))
     return f"{first}\nLooked in:\n{looked}\nTo get them:\n{_how_to_get(spec, words)}"
 
