@@ -116,10 +116,15 @@ def test_unsupported_combinations_are_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_adaptive_does_not_take_cifar10(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["reproduce", "adaptive", "--dataset", "cifar10"])
-    assert exc.value.code == 2 and "invalid choice: 'cifar10'" in capsys.readouterr().err
+def test_adaptive_takes_cifar10():
+    """Issue 14: ``reproduce adaptive`` runs on CIFAR-10 too, with ``--stand-in`` and ``--weights``
+    (end to end in tests/test_reproduce_adaptive_cifar.py)."""
+    from idefender_gpu.cli import build_parser
+
+    args = build_parser().parse_args(["reproduce", "adaptive", "--dataset", "cifar10", "--stand-in",
+                                      "--weights", "m.safetensors"])
+    assert args.dataset == "cifar10" and args.stand_in and args.weights == ["m.safetensors"]
+    assert "adaptive" in PROFILES["cifar10"].experiments and "adaptive" in STAND_INS["cifar10"].experiments
 
 
 def test_weights_of_another_dataset_are_refused(tmp_path):

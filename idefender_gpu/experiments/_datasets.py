@@ -118,7 +118,7 @@ PROFILES: dict[str, Profile] = {
                        "I-defender on the input of its last Linear layer (the pooled 512 / 512 features).",
                        "Eps and alphas: the paper's (Iter-Linf 0.013 and 0.0085, Iter-L2 0.47, FGSM 0.075 on "
                        "[0, 1] pixels; alpha 1e-3, 1e-2, 1e-1)."),
-        paper_same_dataset=True, experiments=frozenset({"semi-whitebox", "graybox"})),
+        paper_same_dataset=True, experiments=frozenset({"semi-whitebox", "graybox", "adaptive"})),
 }
 
 #: dataset -> its ``--stand-in`` profile: narrow WRNs, one epoch

@@ -256,14 +256,23 @@ def layer_list(text: str) -> tuple[str, ...]:
 layer_list.__name__ = "layer list"
 
 
+def _eps_value(part: str) -> float:
+    """A float, or a fraction such as ``8/255``."""
+    if "/" in part:
+        numerator, denominator = part.split("/", 1)
+        return float(numerator) / float(denominator)
+    return float(part)
+
+
 def eps_list(text: str) -> tuple[float, ...]:
-    """Comma-separated Linf radii in (0, 1]."""
+    """Comma-separated Linf radii in (0, 1], each a float or a fraction (``8/255``)."""
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
+        values = tuple(_eps_value(part.strip()) for part in text.split(",") if part.strip())
+    except (ValueError, ZeroDivisionError):
         values = ()
     if not values or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"must be comma-separated floats in (0, 1] such as 0.1,0.3; got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be comma-separated floats or fractions in (0, 1] such as "
+                                         f"0.1,0.3 or 4/255,8/255; got {text!r}")
     return values
 
 
@@ -272,14 +281,18 @@ eps_list.__name__ = "eps list"
 
 def _adaptive_options(parser: argparse.ArgumentParser) -> None:
     _protocol_options(parser, n_attack=500)
-    parser.add_argument("--eps", type=eps_list, default=(0.05, 0.1, 0.2, 0.3),
-                        metavar="EPS", help="comma-separated Linf radii (default 0.05,0.1,0.2,0.3)")
+    _stand_in_options(parser, "the model")
+    parser.add_argument("--eps", type=eps_list, default=None,
+                        metavar="EPS", help="comma-separated Linf radii on [0, 1] pixels, floats or fractions "
+                                            "(default: the dataset's: 0.05,0.1,0.2,0.3 on Fashion-MNIST / MNIST; "
+                                            "2/255,4/255,8/255,16/255 on CIFAR-10, also with --stand-in; "
+                                            "1/255,2/255,4/255,8/255 on ImageNet)")
     parser.add_argument("--steps", type=positive_int, default=40, metavar="N",
-                        help="steps per attack run (default %(default)s)")
+                        help="steps per attack run (default %(default)s; 2 with --stand-in)")
     parser.add_argument("--restarts", type=positive_int, default=1, metavar="N",
                         help="MarginPGD's random restarts per loss (default %(default)s)")
     parser.add_argument("--targets", type=non_negative_int, default=3, metavar="N",
-                        help="MarginPGD's targeted runs (default %(default)s)")
+                        help="MarginPGD's targeted runs (default %(default)s; 1 with --stand-in)")
     parser.add_argument("--no-external", action="store_true",
                         help="do not run torchattacks' and ART's PGD beside MarginPGD")
 
