@@ -112,6 +112,19 @@ def test_bad_eps_is_refused_in_one_line(tmp_path, capsys, eps):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "mnist", "--stand-in"], "--stand-in is available for cifar10 only"),
+    (["--dataset", "cifar10", "--stand-in", "--data", "x"], "--stand-in uses no data files"),
+    (["--dataset", "cifar10", "--stand-in", "--weights", "a", "--weights", "b"], "at most 1 file(s)"),
+    (["--dataset", "cifar10", "--stand-in", "--weights", "no-such.safetensors"], "no such file"),
+])
+def test_unsupported_combinations_are_one_line(tmp_path, capsys, argv, message):
+    code = main(["reproduce", "adaptive", *argv, "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.splitlines()[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_dataset_has_its_eps():
     """The MNIST family keeps 0.05-0.3; CIFAR-10 (and its stand-in) 2-16 of 255; ImageNet 1-8 of
     255; ``eps`` overrides; results record the radii used."""
