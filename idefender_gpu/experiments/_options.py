@@ -217,6 +217,9 @@ def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> 
                         help="added to the diagonal of every covariance, >= 0 (default %(default)g)")
     parser.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
                         help="attack and scoring batch size (default %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                        help="ImageNet only: DataLoader worker processes reading the images (default min(8, "
+                             "CPUs); 0: in the main process)")
 
 
 def _stand_in_options(parser: argparse.ArgumentParser, roles: str) -> None:
@@ -240,9 +243,27 @@ def _semiwhitebox_options(parser: argparse.ArgumentParser) -> None:
 
 def _graybox_options(parser: argparse.ArgumentParser) -> None:
     _protocol_options(parser)
-    _stand_in_options(parser, "Source, Target, then Wide (the bigger network)")
+    _stand_in_options(parser, "Source, Target, then Wide (the bigger network; ImageNet: Source and Target, "
+                              "VGG19 files such as torchvision's vgg19-dcbb9e9d.pth, both required)")
     parser.add_argument("--no-wide", action="store_true",
                         help="skip the wider network (Table 8's analogue)")
+    parser.add_argument("--eps-scale", type=_positive_float, default=1.0, metavar="S",
+                        help="divide every gray-box eps by S (default 1: eps on [0, 1] pixels; e.g. 255 reads "
+                             "ImageNet's Table 9 eps as grey levels, a scale the paper does not state)")
+
+
+def _positive_float(text: str) -> float:
+    """A finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite float > 0 (such as 255); got {text!r}")
+    return value
+
+
+_positive_float.__name__ = "positive float"
 
 
 def layer_list(text: str) -> tuple[str, ...]:

@@ -164,7 +164,7 @@ PROTOCOL_DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagenet")
 def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
     """The :class:`ProtocolConfig` fields from the arguments, after checking that ``experiment``
     runs on the dataset (``--stand-in``: the stand-in sizes wherever an option keeps its default)."""
-    from idefender_gpu.experiments._datasets import STAND_IN_SIZES, check_supported
+    from idefender_gpu.experiments._datasets import STAND_IN_DATASET_SIZES, STAND_IN_SIZES, check_supported
 
     stand_in = bool(getattr(args, "stand_in", False))
     check_supported(experiment, args.dataset, stand_in)  # one line for what is not built
@@ -174,7 +174,7 @@ def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
         defaults = argparse.ArgumentParser(add_help=False)
         _protocol_options(defaults)
         defaults = vars(defaults.parse_args([]))
-        for key, value in STAND_IN_SIZES.items():
+        for key, value in {**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})}.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
     return dict(dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs, n_train=args.n_train,
@@ -183,7 +183,8 @@ def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
                 download=not args.no_download, cache=args.cache,
                 layers=None if args.layers is None else tuple(args.layers),
                 n_components=args.components, covariance_type=args.covariance, reg_covar=args.reg_covar,
-                batch_size=args.batch_size, stand_in=stand_in, weights=tuple(getattr(args, "weights", None) or ()))
+                batch_size=args.batch_size, stand_in=stand_in, weights=tuple(getattr(args, "weights", None) or ()),
+                workers=getattr(args, "workers", None))
 
 
 def _run_protocol(args: argparse.Namespace, name: str, config, run, markdown) -> int:
@@ -226,7 +227,8 @@ def _graybox(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments._datasets import STAND_IN_STEPS
 
     kwargs = _protocol_kwargs(args, "graybox")
-    config = GrayboxConfig(**kwargs, wide=not args.no_wide, steps=STAND_IN_STEPS if kwargs["stand_in"] else 10)
+    config = GrayboxConfig(**kwargs, wide=not args.no_wide, steps=STAND_IN_STEPS if kwargs["stand_in"] else 10,
+                           eps_scale=args.eps_scale)
     return _run_protocol(args, "graybox", config, run_graybox, markdown)
 
 
