@@ -49,7 +49,7 @@ def test_graybox_stand_in_end_to_end_then_adaptive_from_the_cache(tmp_path, caps
     """Table 9's pipeline on the stand-in: two VGG19/8s trained (seeds 1, 2) and cached, Source's
     detector, nine adversarial sets, then Target's. Then ``reproduce adaptive --dataset imagenet``'s
     path (``run_adaptive``: Source only, through ``begin_single_model`` over the loaders) loads
-    Source from the cache."""
+    Source from the cache; and ``--weights`` naming one file twice warns and says so in the report."""
     cache = tmp_path / "cache"
     assert main(["reproduce", "graybox", *TINY, "--cache", str(cache), "--out", str(tmp_path / "a")]) == 0
     report, results = _outputs(tmp_path / "a")
@@ -91,6 +91,14 @@ def test_graybox_stand_in_end_to_end_then_adaptive_from_the_cache(tmp_path, caps
     assert all(r["n"] == 3 for r in adaptive["records"])
     assert {row["detector"] for row in adaptive["thresholds"]} == {"idefender", "mahalanobis"}
 
+    source = next(cache.glob("*-seed1-*.safetensors"))  # the same file twice: gray-box becomes white-box
+    with pytest.warns(UserWarning, match="same file for Source and Target"):
+        assert main(["reproduce", "graybox", *TINY, "--n-attack", "1", "--out", str(tmp_path / "b"),
+                     "--weights", str(source), "--weights", str(source)]) == 0
+    report, same = _outputs(tmp_path / "b")
+    assert "this gray-box run is a white-box one" in same["notes"][0] and "white-box one" in report
+    assert [same["models"][m]["checkpoint"] for m in ("Source", "Target")] == [source.name] * 2
+
 
 def test_eps_scale_divides_every_graybox_eps(capsys):
     from idefender_gpu.experiments.graybox import GrayboxConfig
@@ -125,13 +133,13 @@ def test_the_val_split_is_seeded_stratified_and_holds_every_class(folder):
     assert len(held_uneven) == 7 and len(uneven) == 8 and set(labels[held_uneven].tolist()) == {0, 1, 2}
     with pytest.raises(ValueError, match=r"must hold every class; classes \[2\] get none"):
         split_val(labels, 2, seed=0)
-    with pytest.raises(ValueError, match="smaller than the 18 val images"):
+    with pytest.raises(ValueError, match=r"n_holdout \(--n-holdout\) must be smaller than the 18 images"):
         split_val(labels, 18, seed=0)
 
 
 def test_the_loaders_read_the_folder(folder):
     config = types.SimpleNamespace(stand_in=False, data=str(folder), seed=0, n_train=12, n_test=None, n_holdout=6,
-                                   n_components=1, workers=0, batch_size=4)
+                                   n_calibrate=6, n_components=1, workers=0, batch_size=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         data = load_streamed(config, torch.device("cpu"))
@@ -142,11 +150,14 @@ def test_the_loaders_read_the_folder(folder):
     assert torch.equal(y, data.labels("holdout")) and torch.bincount(y).tolist() == [2, 2, 2]
     assert sum(len(b[1]) for b in data.loader("train")) == 12  # re-iterable, the subset only
     assert torch.equal(data.tensors("eval", 3)[1], data.labels("eval")[:3])
+    calibrate = data.labels("calibrate")  # train/ is sorted by class: a stratified subset, not the first 6
+    assert len(calibrate) == 6 and set(calibrate.tolist()) == {0, 1, 2} != set(data.y_train[:6].tolist())
+    assert torch.equal(torch.cat([y for _, y in data.loader("calibrate")]), calibrate)
 
 
 @pytest.mark.parametrize("extra, message", [
     ([], "--dataset imagenet needs --data ROOT"),
-    (["--data", "DATA", "--weights", "W1"], "needs two VGG19 weight files: --weights SOURCE --weights TARGET"),
+    (["--data", "DATA", "--weights", "W1"], "needs 2 --weights FILE (Source, Target, in that order"),
     (["--data", "NOWHERE", "--weights", "W1", "--weights", "W2"], "imagenet: the ImageNet root folder"),
     (["--data", "DATA", "--weights", "W1", "--weights", "W2", "--weights", "W1"], "at most 2 file(s)"),
     (["--data", "DATA", "--weights", "W1", "--weights", "W2", "--n-holdout", "10", "--n-attack", "2"],

@@ -139,9 +139,8 @@ PROFILES: dict[str, Profile] = {
                        "(clean 71.03%), yet on [0, 255] (0.3 / 255) Iter-Linf 0.019 would be negligible too. "
                        "--eps-scale S divides every eps by S (recorded in results.json)."),
         paper_same_dataset=True, experiments=frozenset({"graybox", "adaptive"}), streamed=True,
-        weights_hint=("two VGG19 weight files: --weights SOURCE --weights TARGET, e.g. torchvision's "
-                      "vgg19-dcbb9e9d.pth for one and an independently trained VGG19 (safetensors or a .pth "
-                      "state dict) for the other")),
+        weights_hint=("VGG19 weight files (safetensors or a .pth state dict), e.g. torchvision's "
+                      "vgg19-dcbb9e9d.pth for Source and an independently trained VGG19 for Target")),
 }
 
 #: dataset -> its ``--stand-in`` profile: narrow WRNs, one epoch

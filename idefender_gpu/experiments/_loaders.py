@@ -15,7 +15,9 @@ protocols read it from disk through ``DataLoader``s (:class:`StreamedData`):
 
 The stand-in (``--stand-in``) is :func:`~idefender_gpu.data.stand_in_imagenet_folder` (few
 classes, seeded PIL images through the real eval transform, smaller crops) on the same path.
-Loaders use ``workers`` processes and pinned memory on CUDA.
+The training-data ID-99 thresholds use a seeded stratified ``n_calibrate`` of the training
+images (train/ is sorted by class too). Loaders use ``workers`` processes (default
+``min(8, CPUs)``, 0 for the stand-in) and pinned memory on CUDA.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def default_workers() -> int:
 
 
 def split_val(labels: Tensor, n_holdout: int, seed: int, n_test: int | None = None,
-              n_classes: int | None = None) -> tuple[Tensor, Tensor]:
+              n_classes: int | None = None, *, option: str = "n_holdout (--n-holdout)",
+              what: str = "held-out calibration images") -> tuple[Tensor, Tensor]:
     """Split a labelled split into evaluation and held-out indices, seeded and stratified.
 
     Parameters
@@ -61,6 +64,9 @@ def split_val(labels: Tensor, n_holdout: int, seed: int, n_test: int | None = No
         Use only a seeded random ``n_test`` of the ``N`` images (default all).
     n_classes : int, optional
         Classes that must be held out (default ``labels.max() + 1``).
+    option, what : str
+        How messages name ``n_holdout`` and the held-out images (the same split draws the
+        stratified calibration subset of the training images).
 
     Returns
     -------
@@ -81,7 +87,7 @@ def split_val(labels: Tensor, n_holdout: int, seed: int, n_test: int | None = No
         order = order[:n_test]
     n = order.numel()
     if n_holdout >= n:
-        raise ValueError(f"n_holdout (--n-holdout) must be smaller than the {n} val images in use (--n-test): the "
+        raise ValueError(f"{option} must be smaller than the {n} images in use (--n-test, --n-train): the "
                          f"rest is the evaluation set; got {n_holdout}")
     chosen = labels[order]  # (n,) labels in the seeded order
     counts = torch.bincount(chosen, minlength=n_classes)  # (C,)
@@ -92,10 +98,10 @@ def split_val(labels: Tensor, n_holdout: int, seed: int, n_test: int | None = No
         quota[torch.sort(share - quota.double(), descending=True, stable=True).indices[:left]] += 1
     missing = (quota == 0).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(f"the held-out calibration images (--n-holdout {n_holdout}, shared among the classes of the "
-                         f"{n} val images in use) must hold every class; classes {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''} get none (raise --n-holdout to at least "
-                         f"{n_classes}{', and --n-test' if n_test is not None else ''})")
+        raise ValueError(f"the {what} ({option.split(' ')[0]} {n_holdout}, shared among the classes of the "
+                         f"{n} images in use) must hold every class; classes {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''} get none (raise {option.split(' ')[-1].strip('()')} "
+                         f"to at least {n_classes}{', and --n-test' if n_test is not None else ''})")
     by_class = torch.sort(chosen * n + torch.arange(n), stable=True).indices  # (n,) class by class, seeded order
     start = torch.cumsum(counts, 0) - counts  # (C,) first position of each class
     rank = torch.empty(n, dtype=torch.int64)
@@ -118,6 +124,7 @@ class StreamedData:
     val: Any  # the whole val split
     eval_idx: Tensor  # (N_eval,) into val, seeded order
     holdout_idx: Tensor  # (n_holdout,) into val, sorted
+    calibrate_idx: Tensor  # (n_calibrate,) into train: a seeded stratified subset (every class)
     y_train: Tensor  # (N_train,) labels of the training images in use
     y_val: Tensor  # (N_val,) labels of the whole val split
     workers: int
@@ -133,10 +140,10 @@ class StreamedData:
         return int(self.y_train.numel())
 
     def loader(self, which: str, count: int | None = None) -> DataLoader:
-        """A fresh (re-iterable) loader of ``'train'``, ``'eval'`` or ``'holdout'`` images; ``count``:
-        the first ``count`` of them only."""
-        dataset, index = {"train": (self.train, None), "eval": (self.val, self.eval_idx),
-                          "holdout": (self.val, self.holdout_idx)}[which]
+        """A fresh (re-iterable) loader of ``'train'``, ``'calibrate'`` (the training-data ID-99
+        thresholds' images), ``'eval'`` or ``'holdout'`` images; ``count``: the first ``count`` only."""
+        dataset, index = {"train": (self.train, None), "calibrate": (self.train, self.calibrate_idx),
+                          "eval": (self.val, self.eval_idx), "holdout": (self.val, self.holdout_idx)}[which]
         if index is None:
             index = torch.arange(len(dataset))
         if count is not None:
@@ -146,8 +153,8 @@ class StreamedData:
 
     def labels(self, which: str) -> Tensor:
         """The labels ``(N,)`` of ``'train'``, ``'eval'`` or ``'holdout'``, in the loaders' order."""
-        if which == "train":
-            return self.y_train
+        if which in ("train", "calibrate"):
+            return self.y_train if which == "train" else self.y_train[self.calibrate_idx]
         return self.y_val[self.eval_idx if which == "eval" else self.holdout_idx]
 
     def tensors(self, which: str, count: int | None = None) -> tuple[Tensor, Tensor]:
@@ -215,7 +222,13 @@ def load_streamed(config: Any, device: torch.device) -> StreamedData:
         raise ValueError(f"every class needs at least max(2, n_components (--components)) = {need} training images "
                          f"for its mixture; class {smallest} ({classes[smallest]}) has {int(counts[smallest])} of "
                          f"the {y_train.numel()} in use (raise --n-train or lower --components)")
-    workers = default_workers() if config.workers is None else int(config.workers)
+    n_cal = y_train.numel() if config.n_calibrate is None else min(int(config.n_calibrate), y_train.numel())
+    if n_cal < y_train.numel():  # train/ is sorted by class: its first n_cal images would hold a few classes
+        calibrate_idx = split_val(y_train, n_cal, seed + 2, None, len(classes), option="n_calibrate (--n-calibrate)",
+                                  what="training images of the ID-99 thresholds")[1]
+    else:
+        calibrate_idx = torch.arange(y_train.numel())
+    workers = (0 if config.stand_in else default_workers()) if config.workers is None else int(config.workers)
     return StreamedData(name, classes, source, _digest(*identity, y_train.numel(), seed), bool(config.stand_in),
-                        train_used, val, eval_idx, holdout_idx, y_train, y_val, workers, int(config.batch_size),
-                        device.type == "cuda")
+                        train_used, val, eval_idx, holdout_idx, calibrate_idx, y_train, y_val, workers,
+                        int(config.batch_size), device.type == "cuda")

@@ -116,7 +116,8 @@ def add_common_options(parser: argparse.ArgumentParser, datasets: tuple[str, ...
                         help="the dataset (default %(default)s)")
     parser.add_argument("--data", metavar="DIR", default=None,
                         help="folder holding the dataset's files (the four IDX files; CIFAR-10's "
-                             "cifar-10-batches-bin), the only one searched when given "
+                             "cifar-10-batches-bin; ImageNet's root with train/ and val/, required), the only one "
+                             "searched when given "
                              "(default: $IDEFENDER_DATA if set, else Debian's /usr/share/datasets/<dataset>, "
                              "then the download cache)")
     parser.add_argument("--no-download", action="store_true",
@@ -219,14 +220,15 @@ def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> 
                         help="attack and scoring batch size (default %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                         help="ImageNet only: DataLoader worker processes reading the images (default min(8, "
-                             "CPUs); 0: in the main process)")
+                             "CPUs), 0 with --stand-in; 0: in the main process)")
 
 
 def _stand_in_options(parser: argparse.ArgumentParser, roles: str) -> None:
     """``--stand-in`` and ``--weights`` (the protocols that run on CIFAR-10)."""
     parser.add_argument("--stand-in", action="store_true",
-                        help="CIFAR-10 only: seeded random images of its shapes, narrow WideResNets (wrn-10-1, "
-                             "wrn-16-1) trained for one epoch, 16 attacked images, tiny search budgets: proves the "
+                        help="CIFAR-10 and ImageNet only: seeded random images of its shapes, narrow WideResNets "
+                             "(wrn-10-1, wrn-16-1) trained for one epoch (ImageNet: VGG19/8s, four epochs, on 10 "
+                             "classes of 64 x 64 crops), 16 attacked images, tiny search budgets: proves the "
                              "pipeline end to end in seconds, reproduces nothing (report.md says so first)")
     parser.add_argument("--weights", metavar="FILE", action="append", default=None,
                         help=f"a checkpoint of {roles} (idefender-gpu train's model.safetensors); repeat it "

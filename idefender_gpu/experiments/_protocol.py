@@ -80,7 +80,7 @@ class ProtocolConfig:
     n_calibrate : int, optional
         Training images whose scores set the training-data ID-99 thresholds.
     workers : int, optional
-        Loader processes of a streamed dataset (ImageNet; None: ``min(8, CPUs)``).
+        Loader processes of a streamed dataset (ImageNet; None: ``min(8, CPUs)``, 0 for the stand-in).
     layers, n_components, covariance_type, reg_covar, batch_size, memory_budget
         I-defender's settings (as the black-box reproduction's; ``layers`` None: the
         dataset's default, ``conv2`` of F, the input of a WRN's last Linear layer).
@@ -141,8 +141,10 @@ class ProtocolConfig:
             raise ValueError(f"--dataset {self.dataset} needs --data ROOT: the ImageNet folder holding train/ and "
                              f"val/, one sub-folder per class (or --stand-in)")
         if profile.weights_hint is not None and len(self.weights) < self._n_roles():
-            raise ValueError(f"--dataset {self.dataset} needs {profile.weights_hint}; got {len(self.weights)} "
-                             f"--weights (the models are never trained here)")
+            roles = [r.role for r in profile.roles[:self._n_roles()]]
+            raise ValueError(f"--dataset {self.dataset} needs {len(roles)} --weights FILE ({', '.join(roles)}, in "
+                             f"that order; the models are never trained here): {profile.weights_hint}; got "
+                             f"{len(self.weights)}")
         for path in self.weights:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"weights (--weights) {os.fspath(path)!r}: no such file (a checkpoint "
@@ -330,7 +332,7 @@ def fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: P
     thresholds. A defence this process already fitted on the same weights, data split and
     detector settings is reused (its thresholds are never changed after fitting); a streamed
     dataset's defences are never kept (each may hold tens of GB)."""
-    if setup.streamed is not None:
+    if getattr(setup, "streamed", None) is not None:
         return _fit_defence(config, setup, model, timer, name, baseline)
     key = (_weights_digest(model), setup.data.sha256, int(setup.data.x_train.shape[0]), int(setup.x_eval.shape[0]),
            int(setup.x_holdout.shape[0]), config.n_calibrate, config.detector_layers(), config.n_components,
@@ -350,10 +352,9 @@ def fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: P
 def _fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: PhaseTimer,
                  name: str, baseline: bool) -> Defence:
     data, budget = setup.data, config.budget(setup.device)
-    if setup.streamed is not None:
+    if getattr(setup, "streamed", None) is not None:
         n_train = setup.streamed.n_train
-        n_cal = n_train if config.n_calibrate is None else min(config.n_calibrate, n_train)
-        train_loader, cal_loader = setup.streamed.loader("train"), setup.streamed.loader("train", n_cal)
+        train_loader, cal_loader = setup.streamed.loader("train"), setup.streamed.loader("calibrate")
         held_loader = setup.streamed.loader("holdout")
     else:
         n_train = len(data.y_train)
