@@ -478,7 +478,9 @@ def base_results(experiment: str, config: ProtocolConfig, setup: Setup, defence:
         "experiment": experiment, "dataset": data.name, "seed": config.seed, "config": config.to_json(),
         "stand_in": bool(getattr(data, "stand_in", False)),
         "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": n_train,
-                 "n_eval": n_eval, "n_attack": int(n_attack), "n_holdout": n_holdout},
+                 "n_eval": n_eval, "n_attack": int(n_attack), "n_holdout": n_holdout,
+                 **({"holdout": "a seeded, stratified share of val; the evaluation images in a seeded order"}
+                    if getattr(setup, "streamed", None) is not None else {})},
         "models": setup.model_info,
         "detector": {"layers": list(det.layers_), "n_features": int(sum(det.n_features_.values())),
                      "n_components": config.n_components, "covariance_type": config.covariance_type,

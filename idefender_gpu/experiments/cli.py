@@ -340,9 +340,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         description="The paper's gray-box protocol: Source and Target (model F, or WRN-34-8 on CIFAR-10; seeds "
                     "seed+1, seed+2) and a bigger network (a 1.5x wider F, or WRN-46-8), each with its own "
                     "I-defender; GrayBox (Eq. 6) crafted on Source with alpha in {0, 1e-3, 1e-2, 1e-1, 1} "
-                    "(CIFAR-10: the paper's 1e-3, 1e-2, 1e-1 and eps). --stand-in: the CIFAR-10 pipeline in "
-                    "seconds on random images (not a reproduction). Writes results.json, report.md and ROC "
-                    "PNGs into --out.",
+                    "(CIFAR-10: the paper's 1e-3, 1e-2, 1e-1 and eps; ImageNet, Table 9: two VGG19s from "
+                    "--weights SOURCE --weights TARGET, --data ROOT, alpha 1e-2, 1e-1, 1, run one model at a time). "
+                    "--stand-in: the CIFAR-10 or ImageNet pipeline in seconds on random images (not a "
+                    "reproduction). Writes results.json, report.md and ROC PNGs into --out.",
         options=_graybox_options, run=_graybox, datasets=PROTOCOL_DATASETS),
     "adaptive": Experiment(
         help="adaptive white-box attacker (MarginPGD on DefendedModel) at eps 0.05-0.3, beside Mahalanobis, no "
