@@ -268,7 +268,7 @@ def _run_sequential(config: GrayboxConfig, device: torch.device, timer: PhaseTim
             "id95_detected": rate(adv_rejected), "evaded": rate(wrong & ~adv_rejected)}
         paper = IMAGENET_TABLE.get(record["alpha"], {}).get(record["paper_attack"])
         if paper is not None and profile.paper_same_dataset:
-            record["paper_target"] = {"adv_acc": paper[0] / 100, "auc": paper[1] / 100}
+            record["paper_target"] = {"adv_acc": round(paper[0] / 100, 6), "auc": round(paper[1] / 100, 6)}
         if record["alpha"] in (alphas[0], alphas[-1]):
             add_curve(results, "roc_graybox_target.png", "gray-box (crafted on Source), I-defender of Target",
                       f"{record['attack']}, alpha {record['alpha']:g}", nat["idefender"], adv["idefender"],
