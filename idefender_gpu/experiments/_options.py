@@ -197,12 +197,13 @@ def _blackbox_options(parser: argparse.ArgumentParser) -> None:
 def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> None:
     """The options of the three protocols (their shared config, ``ProtocolConfig``)."""
     parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
-                        help="use only the first N training images (default all)")
+                        help="use only the first N training images (ImageNet: a seeded random N; default all)")
     parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
-                        help="use only the first N test images (default all)")
+                        help="use only the first N test images (ImageNet: a seeded random N of val; default all)")
     parser.add_argument("--n-holdout", type=_int_at_least(10, "an int >= 10"), default=2000, metavar="N",
-                        help="the last N test images in use calibrate the held-out thresholds (default "
-                             "%(default)s); the rest is the evaluation set")
+                        help="the last N test images in use calibrate the held-out thresholds (ImageNet: a seeded "
+                             "share of val, stratified, every class held out; default %(default)s); the rest is "
+                             "the evaluation set")
     parser.add_argument("--n-attack", type=count_or_all, default=n_attack, metavar="N",
                         help="evaluation images attacked: the first N, or 'all' (default %(default)s)")
     parser.add_argument("--n-calibrate", type=count_or_all, default=10000, metavar="N",

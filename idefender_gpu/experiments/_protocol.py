@@ -74,7 +74,10 @@ class ProtocolConfig:
         without one are loaded from the cache or trained.
     n_holdout : int
         The last ``n_holdout`` test images in use calibrate the held-out thresholds; the
-        others are the evaluation set.
+        others are the evaluation set. On a streamed dataset (ImageNet) a seeded stratified
+        share of val instead (:func:`~idefender_gpu.experiments._loaders.split_val`: val is
+        sorted by class), the evaluation images in a seeded order; ``n_train`` / ``n_test``
+        are seeded random subsets there.
     n_attack : int, optional
         Evaluation images attacked (the first ``n_attack``; None: all).
     n_calibrate : int, optional
