@@ -64,6 +64,7 @@ def test_graybox_stand_in_end_to_end_then_adaptive_from_the_cache(tmp_path, caps
     profile = PROFILES["imagenet"]
     assert results["config"]["alphas"] == [1e-2, 1e-1, 1.0] == list(profile.alphas)
     assert results["config"]["eps_scale"] == 1.0 and results["config"]["workers"] == 0
+    assert results["config"]["batch_size"] == 64  # ImageNet's default where --batch-size is not given
     assert [(r["attack"], r["eps"], r["alpha"]) for r in results["records"]] == [
         (label, eps, alpha) for label, _, eps in profile.graybox_attacks for alpha in profile.alphas]
     for record in results["records"]:

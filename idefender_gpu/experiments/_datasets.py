@@ -37,7 +37,7 @@ from idefender_gpu.models import (
     train,
 )
 
-__all__ = ["PLANNED", "PROFILES", "STAND_INS", "STAND_IN_DATASET_SIZES", "STAND_IN_NOTE", "STAND_IN_SEARCH", "STAND_IN_SIZES",
+__all__ = ["DATASET_DEFAULTS", "PLANNED", "PROFILES", "STAND_INS", "STAND_IN_DATASET_SIZES", "STAND_IN_NOTE", "STAND_IN_SEARCH", "STAND_IN_SIZES",
            "STAND_IN_STEPS", "Profile", "Role", "WideF",
            "check_supported", "obtain_model", "profile_for"]
 
@@ -169,6 +169,10 @@ STAND_IN_DATASET_SIZES = {"imagenet": {"n_train": 60, "n_test": 40, "n_holdout":
 STAND_IN_SEARCH = {"max_evaluations": 3, "max_deepfool_steps": 3, "tolerance": 0.05, "steps": 2}
 #: the gray-box attack steps of a stand-in run
 STAND_IN_STEPS = 2
+
+#: dataset -> the protocol options it sets where the user kept the default (command-line names,
+#: ``_`` for ``-``): ImageNet's attacks backpropagate through VGG19 beside a 67 GB detector
+DATASET_DEFAULTS = {"imagenet": {"batch_size": 64}}
 
 #: dataset -> why its protocols are not built yet (one line each; none left)
 PLANNED: dict[str, str] = {}

@@ -218,7 +218,7 @@ def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> 
     parser.add_argument("--reg-covar", type=non_negative_float, default=1e-4, metavar="FLOAT",
                         help="added to the diagonal of every covariance, >= 0 (default %(default)g)")
     parser.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
-                        help="attack and scoring batch size (default %(default)s)")
+                        help="attack, scoring and loader batch size (default %(default)s; ImageNet 64)")
     parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
                         help="ImageNet only: DataLoader worker processes reading the images (default min(8, "
                              "CPUs), 0 with --stand-in; 0: in the main process)")

@@ -164,17 +164,20 @@ PROTOCOL_DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagenet")
 def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
     """The :class:`ProtocolConfig` fields from the arguments, after checking that ``experiment``
     runs on the dataset (``--stand-in``: the stand-in sizes wherever an option keeps its default)."""
-    from idefender_gpu.experiments._datasets import STAND_IN_DATASET_SIZES, STAND_IN_SIZES, check_supported
+    from idefender_gpu.experiments._datasets import (DATASET_DEFAULTS, STAND_IN_DATASET_SIZES, STAND_IN_SIZES,
+                                                     check_supported)
 
     stand_in = bool(getattr(args, "stand_in", False))
     check_supported(experiment, args.dataset, stand_in)  # one line for what is not built
-    if stand_in:
-        if args.data is not None:
-            raise ValueError("--stand-in uses no data files: drop --data (or drop --stand-in to use them)")
+    if stand_in and args.data is not None:
+        raise ValueError("--stand-in uses no data files: drop --data (or drop --stand-in to use them)")
+    sizes = {**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})} if stand_in else {}
+    sizes.update(DATASET_DEFAULTS.get(args.dataset, {}))
+    if sizes:
         defaults = argparse.ArgumentParser(add_help=False)
         _protocol_options(defaults)
         defaults = vars(defaults.parse_args([]))
-        for key, value in {**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})}.items():
+        for key, value in sizes.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
     return dict(dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs, n_train=args.n_train,
