@@ -190,3 +190,26 @@ def test_one_profile_for_table_9():
     assert set(IMAGENET_TABLE) == set(real.alphas) and all(
         set(row) == {label for label, _, _ in real.graybox_attacks} for row in IMAGENET_TABLE.values())
     assert [r.model for r in stand_in.roles] == ["vgg19-narrow"] * 2 and stand_in.weights_hint is None
+
+
+def test_the_stand_in_network_is_a_narrow_vgg19_that_survives_reinitialisation():
+    """``vgg19-narrow`` has VGG19's module and state-dict names (the same detector layer), and
+    its layers re-initialise He normal: ``models.train`` resets every layer, and with PyTorch's
+    default initialisation this plain 19-layer network outputs a constant (it never trained)."""
+    from idefender_gpu.features import parse_layers
+    from idefender_gpu.models import VGG19, build_model, hidden_layer
+
+    narrow = build_model("vgg19-narrow", 10)
+    with torch.device("meta"):
+        full = VGG19(1000, init_weights=False)
+    assert list(narrow.state_dict()) == list(full.state_dict())
+    assert [n for n, _ in narrow.named_modules()] == [n for n, _ in full.named_modules()]
+    assert hidden_layer("vgg19-narrow") == "classifier.6:input" and parse_layers(narrow, ["classifier.6:input"])
+    assert narrow.classifier[6].in_features == 128 and narrow.features[0].out_channels == 8
+    torch.manual_seed(0)
+    for module in narrow.modules():  # what models.train does first
+        if hasattr(module, "reset_parameters") and module is not narrow:
+            module.reset_parameters()
+    with torch.no_grad():
+        out = narrow.eval()(torch.rand(4, 3, 64, 64))  # (4, 10)
+    assert out.shape == (4, 10) and float(out.std(0).mean()) > 1e-3
