@@ -113,7 +113,7 @@ def test_bad_eps_is_refused_in_one_line(tmp_path, capsys, eps):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "mnist", "--stand-in"], "--stand-in is available for cifar10 only"),
+    (["--dataset", "mnist", "--stand-in"], "--stand-in is available for cifar10, imagenet only"),
     (["--dataset", "cifar10", "--stand-in", "--data", "x"], "--stand-in uses no data files"),
     (["--dataset", "cifar10", "--stand-in", "--weights", "a", "--weights", "b"], "at most 1 file(s)"),
     (["--dataset", "cifar10", "--stand-in", "--weights", "no-such.safetensors"], "no such file"),

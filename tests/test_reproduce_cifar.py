@@ -101,8 +101,8 @@ def test_cifar10_without_data_prints_the_loaders_message(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["graybox", "--dataset", "imagenet"], "--dataset imagenet is not built yet"),
-    (["semi-whitebox", "--dataset", "mnist", "--stand-in"], "--stand-in is available for cifar10 only"),
+    (["semi-whitebox", "--dataset", "imagenet"], "--dataset imagenet is not built yet"),
+    (["semi-whitebox", "--dataset", "mnist", "--stand-in"], "--stand-in is available for cifar10, imagenet only"),
     (["graybox", "--stand-in", "--dataset", "cifar10", "--data", "x"], "--stand-in uses no data files"),
     (["graybox", "--stand-in", "--dataset", "cifar10", "--layers", "conv9"], "unknown layer 'conv9'"),
     (["semi-whitebox", "--stand-in", "--dataset", "cifar10", "--weights", "a", "--weights", "b"],

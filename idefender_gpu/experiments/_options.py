@@ -116,7 +116,8 @@ def add_common_options(parser: argparse.ArgumentParser, datasets: tuple[str, ...
                         help="the dataset (default %(default)s)")
     parser.add_argument("--data", metavar="DIR", default=None,
                         help="folder holding the dataset's files (the four IDX files; CIFAR-10's "
-                             "cifar-10-batches-bin), the only one searched when given "
+                             "cifar-10-batches-bin; ImageNet's root with train/ and val/, required), the only one "
+                             "searched when given "
                              "(default: $IDEFENDER_DATA if set, else Debian's /usr/share/datasets/<dataset>, "
                              "then the download cache)")
     parser.add_argument("--no-download", action="store_true",
@@ -196,12 +197,13 @@ def _blackbox_options(parser: argparse.ArgumentParser) -> None:
 def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> None:
     """The options of the three protocols (their shared config, ``ProtocolConfig``)."""
     parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
-                        help="use only the first N training images (default all)")
+                        help="use only the first N training images (ImageNet: a seeded random N; default all)")
     parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
-                        help="use only the first N test images (default all)")
+                        help="use only the first N test images (ImageNet: a seeded random N of val; default all)")
     parser.add_argument("--n-holdout", type=_int_at_least(10, "an int >= 10"), default=2000, metavar="N",
-                        help="the last N test images in use calibrate the held-out thresholds (default "
-                             "%(default)s); the rest is the evaluation set")
+                        help="the last N test images in use calibrate the held-out thresholds (ImageNet: a seeded "
+                             "share of val, stratified, every class held out; default %(default)s); the rest is "
+                             "the evaluation set")
     parser.add_argument("--n-attack", type=count_or_all, default=n_attack, metavar="N",
                         help="evaluation images attacked: the first N, or 'all' (default %(default)s)")
     parser.add_argument("--n-calibrate", type=count_or_all, default=10000, metavar="N",
@@ -216,14 +218,18 @@ def _protocol_options(parser: argparse.ArgumentParser, n_attack: int = 1000) -> 
     parser.add_argument("--reg-covar", type=non_negative_float, default=1e-4, metavar="FLOAT",
                         help="added to the diagonal of every covariance, >= 0 (default %(default)g)")
     parser.add_argument("--batch-size", type=positive_int, default=500, metavar="N",
-                        help="attack and scoring batch size (default %(default)s)")
+                        help="attack, scoring and loader batch size (default %(default)s; ImageNet 64)")
+    parser.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                        help="ImageNet only: DataLoader worker processes reading the images (default min(8, "
+                             "CPUs), 0 with --stand-in; 0: in the main process)")
 
 
 def _stand_in_options(parser: argparse.ArgumentParser, roles: str) -> None:
     """``--stand-in`` and ``--weights`` (the protocols that run on CIFAR-10)."""
     parser.add_argument("--stand-in", action="store_true",
-                        help="CIFAR-10 only: seeded random images of its shapes, narrow WideResNets (wrn-10-1, "
-                             "wrn-16-1) trained for one epoch, 16 attacked images, tiny search budgets: proves the "
+                        help="CIFAR-10 and ImageNet only: seeded random images of its shapes, narrow WideResNets "
+                             "(wrn-10-1, wrn-16-1) trained for one epoch (ImageNet: VGG19/8s, four epochs, on 10 "
+                             "classes of 64 x 64 crops), 16 attacked images, tiny search budgets: proves the "
                              "pipeline end to end in seconds, reproduces nothing (report.md says so first)")
     parser.add_argument("--weights", metavar="FILE", action="append", default=None,
                         help=f"a checkpoint of {roles} (idefender-gpu train's model.safetensors); repeat it "
@@ -240,9 +246,27 @@ def _semiwhitebox_options(parser: argparse.ArgumentParser) -> None:
 
 def _graybox_options(parser: argparse.ArgumentParser) -> None:
     _protocol_options(parser)
-    _stand_in_options(parser, "Source, Target, then Wide (the bigger network)")
+    _stand_in_options(parser, "Source, Target, then Wide (the bigger network; ImageNet: Source and Target, "
+                              "VGG19 files such as torchvision's vgg19-dcbb9e9d.pth, both required)")
     parser.add_argument("--no-wide", action="store_true",
                         help="skip the wider network (Table 8's analogue)")
+    parser.add_argument("--eps-scale", type=_positive_float, default=1.0, metavar="S",
+                        help="divide every gray-box eps by S (default 1: eps on [0, 1] pixels; e.g. 255 reads "
+                             "ImageNet's Table 9 eps as grey levels, a scale the paper does not state)")
+
+
+def _positive_float(text: str) -> float:
+    """A finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite float > 0 (such as 255); got {text!r}")
+    return value
+
+
+_positive_float.__name__ = "positive float"
 
 
 def layer_list(text: str) -> tuple[str, ...]:

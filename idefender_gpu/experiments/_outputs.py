@@ -74,8 +74,8 @@ def setup_lines(results: dict[str, Any]) -> list[str]:
     d, det, m = results["data"], results["detector"], results["machine"]
     lines = [
         f"- Data: {d['n_train']} training images; {d['n_eval']} evaluation test images (the first "
-        f"{d['n_attack']} attacked) and {d['n_holdout']} held-out test images (the last) that calibrate the "
-        f"held-out thresholds, from `{d['source']}`.",
+        f"{d['n_attack']} attacked) and {d['n_holdout']} held-out test images "
+        f"({d.get('holdout', 'the last')}) that calibrate the held-out thresholds, from `{d['source']}`.",
         "- Models: " + "; ".join(f"{name}: {info['training']}, test accuracy {info['test_accuracy']:.4f}"
                                  + (" (cached checkpoint)" if info["cached"] else "")
                                  for name, info in results["models"].items()) + ".",

@@ -15,6 +15,13 @@ model's natural training hidden states and computes both families of thresholds:
 Both detectors are left with their held-out 95% thresholds in ``thresholds_`` (the
 defended model an attacker meets). :func:`score` gives predictions, scores and the class
 each score is taken under, so any set of thresholds can be applied afterwards.
+
+A profile with ``streamed`` data (ImageNet) never holds its images in memory: ``prepare``
+reads them through :mod:`._loaders` (``Setup.streamed``; ``x_eval`` / ``y_eval`` are then
+the ``n_attack`` attacked images only, and the held-out images are a seeded stratified
+share of val, ``x_holdout`` None), the detectors are fitted and calibrated over loaders,
+natural images are scored through a loader under their predicted class only, and no fit
+is memoised (one 1000-class, 4096-feature detector holds 67 GB in float32).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from idefender_gpu.metrics import roc_auc_score
 from idefender_gpu.models import evaluate
 
 __all__ = ["Defence", "ProtocolConfig", "Setup", "balanced_accuracy", "fit_defence", "prepare", "score",
-           "threshold_summary"]
+           "score_loader", "score_natural", "threshold_summary"]
 
 #: threshold family -> what it is calibrated on
 THRESHOLDS = {"heldout": "held-out natural test images", "train": "natural training images"}
@@ -67,11 +74,16 @@ class ProtocolConfig:
         without one are loaded from the cache or trained.
     n_holdout : int
         The last ``n_holdout`` test images in use calibrate the held-out thresholds; the
-        others are the evaluation set.
+        others are the evaluation set. On a streamed dataset (ImageNet) a seeded stratified
+        share of val instead (:func:`~idefender_gpu.experiments._loaders.split_val`: val is
+        sorted by class), the evaluation images in a seeded order; ``n_train`` / ``n_test``
+        are seeded random subsets there.
     n_attack : int, optional
         Evaluation images attacked (the first ``n_attack``; None: all).
     n_calibrate : int, optional
         Training images whose scores set the training-data ID-99 thresholds.
+    workers : int, optional
+        Loader processes of a streamed dataset (ImageNet; None: ``min(8, CPUs)``, 0 for the stand-in).
     layers, n_components, covariance_type, reg_covar, batch_size, memory_budget
         I-defender's settings (as the black-box reproduction's; ``layers`` None: the
         dataset's default, ``conv2`` of F, the input of a WRN's last Linear layer).
@@ -98,6 +110,7 @@ class ProtocolConfig:
     memory_budget: int | None = None
     stand_in: bool = False
     weights: tuple[str, ...] = ()
+    workers: int | None = None
 
     _parameter_constraints = {
         **CONFIG_CONSTRAINTS,
@@ -108,6 +121,7 @@ class ProtocolConfig:
         "weights": [Predicate(lambda v: isinstance(v, (tuple, list))
                               and all(isinstance(p, (str, os.PathLike)) for p in v), "a tuple of paths")],
         "n_holdout": [Interval(Integral, 10, None)],
+        "workers": [None, Interval(Integral, 0, None)],
         **{name: [None, Interval(Integral, 1, None)] for name in ("n_train", "n_test", "n_attack", "n_calibrate")},
     }
 
@@ -126,6 +140,14 @@ class ProtocolConfig:
             raise ValueError(f"weights (--weights) takes at most {self._n_roles()} file(s) here (the models "
                              f"{', '.join(r.role for r in profile.roles[:self._n_roles()])}, in that order); got "
                              f"{len(self.weights)}")
+        if profile.streamed and not self.stand_in and self.data is None:
+            raise ValueError(f"--dataset {self.dataset} needs --data ROOT: the ImageNet folder holding train/ and "
+                             f"val/, one sub-folder per class (or --stand-in)")
+        if profile.weights_hint is not None and len(self.weights) < self._n_roles():
+            roles = [r.role for r in profile.roles[:self._n_roles()]]
+            raise ValueError(f"--dataset {self.dataset} needs {len(roles)} --weights FILE ({', '.join(roles)}, in "
+                             f"that order; the models are never trained here): {profile.weights_hint}; got "
+                             f"{len(self.weights)}")
         for path in self.weights:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"weights (--weights) {os.fspath(path)!r}: no such file (a checkpoint "
@@ -139,7 +161,7 @@ class ProtocolConfig:
     _roles_used: ClassVar[int] = 1
 
     def _n_roles(self) -> int:
-        return self._roles_used
+        return min(self._roles_used, len(self.profile().roles))
 
     def profile(self) -> Profile:
         """What the dataset (or its stand-in) sets: models, default layer and training length."""
@@ -185,6 +207,14 @@ class Setup:
     model: nn.Module
     model_info: dict[str, Any]
     device: torch.device
+    #: a streamed dataset's loaders (``_loaders.StreamedData``); None: everything in memory
+    streamed: Any = None
+
+    def counts(self) -> tuple[int, int, int]:
+        """``(training, evaluation, held-out)`` images in use."""
+        if self.streamed is not None:
+            return self.streamed.n_train, int(self.streamed.eval_idx.numel()), int(self.streamed.holdout_idx.numel())
+        return int(self.data.x_train.shape[0]), int(self.x_eval.shape[0]), int(self.x_holdout.shape[0])
 
 
 @dataclass
@@ -212,6 +242,8 @@ def model_record(info: dict[str, Any], accuracy: float, training: str) -> dict[s
 def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
     """Load and split the data (sizes checked before any training), then train or load F."""
     device = check_device(config.device)
+    if config.profile().streamed:
+        return _prepare_streamed(config, timer, device)
     with timer("data", label=False):
         data = load_checked(config)
         n_test = data.x_test.shape[0]
@@ -233,16 +265,47 @@ def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
     return setup
 
 
+def _prepare_streamed(config: ProtocolConfig, timer: PhaseTimer, device: torch.device) -> Setup:
+    """:func:`prepare` over loaders: the split, the attacked images in memory, the Source model."""
+    from idefender_gpu.experiments._loaders import load_streamed
+
+    with timer("data", label=False):
+        data = load_streamed(config, device)
+        n_eval = int(data.eval_idx.numel())
+        n = n_eval if config.n_attack is None else min(config.n_attack, n_eval)
+        x, y = data.tensors("eval", n)  # the attacked images: the only ones in memory
+    logger.info("%s: %d training, %d val images (%d held out for the thresholds, stratified; %d attacked) from %s, "
+                "%d loader worker(s)", data.name, data.n_train, n_eval + len(data.holdout_idx), len(data.holdout_idx),
+                n, display_path(data.source), data.workers)
+    setup = Setup(data, x, y, None, data.labels("holdout"), None, {}, device, streamed=data)
+    setup.model, record = obtain_role(config, setup, 0, timer)
+    setup.model_info = {config.profile().roles[0].model: record}
+    return setup
+
+
+@torch.no_grad()
+def _loader_accuracy(model: nn.Module, loader: Any, device: torch.device) -> float:
+    right = total = 0
+    for x, y in loader:
+        pred = model(x.to(device, non_blocking=True)).argmax(1).cpu()
+        right += int((pred == torch.as_tensor(y)).sum())
+        total += int(pred.numel())
+    return right / max(total, 1)
+
+
 def obtain_role(config: ProtocolConfig, setup: Setup, index: int, timer: PhaseTimer) -> tuple[nn.Module, dict]:
     """The model of the profile's role ``index`` (user weights, cache or training; timed as
     ``train``) and its results record (test accuracy on the evaluation set)."""
     role, epochs, weights = config.profile().roles[index], config.train_epochs(), config.weights_for(index)
-    how = f"load {weights}" if weights is not None else (f"train {epochs} epoch(s) on {len(setup.data.y_train)} "
+    how = f"load {weights}" if weights is not None else (f"train {epochs} epoch(s) on {setup.counts()[0]} "
                                                          f"images, or load the cached checkpoint")
     with timer("train", f"model {role.role} ({role.model}): {how}"):
         model, info, training = obtain_model(role, setup.data, seed=config.seed, epochs=epochs, device=setup.device,
                                              cache=config.cache, weights=weights, progress=config.progress)
-    accuracy = float((evaluate(model, setup.x_eval.to(setup.device)).cpu() == setup.y_eval).double().mean())
+    if setup.streamed is not None:  # every evaluation image, through the loader
+        accuracy = _loader_accuracy(model, setup.streamed.loader("eval"), setup.device)
+    else:
+        accuracy = float((evaluate(model, setup.x_eval.to(setup.device)).cpu() == setup.y_eval).double().mean())
     return model, model_record(info, accuracy, training)
 
 
@@ -270,7 +333,10 @@ def fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: P
                 name: str = "F", baseline: bool = True) -> Defence:
     """I-defender and (``baseline``) the Mahalanobis baseline on ``model``; train and held-out
     thresholds. A defence this process already fitted on the same weights, data split and
-    detector settings is reused (its thresholds are never changed after fitting)."""
+    detector settings is reused (its thresholds are never changed after fitting); a streamed
+    dataset's defences are never kept (each may hold tens of GB)."""
+    if getattr(setup, "streamed", None) is not None:
+        return _fit_defence(config, setup, model, timer, name, baseline)
     key = (_weights_digest(model), setup.data.sha256, int(setup.data.x_train.shape[0]), int(setup.x_eval.shape[0]),
            int(setup.x_holdout.shape[0]), config.n_calibrate, config.detector_layers(), config.n_components,
            config.covariance_type, config.reg_covar, config.seed, str(setup.device), config.budget(setup.device))
@@ -289,13 +355,19 @@ def fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: P
 def _fit_defence(config: ProtocolConfig, setup: Setup, model: nn.Module, timer: PhaseTimer,
                  name: str, baseline: bool) -> Defence:
     data, budget = setup.data, config.budget(setup.device)
-    train_loader = _loader(data.x_train, data.y_train)
-    n_cal = data.x_train.shape[0] if config.n_calibrate is None else min(config.n_calibrate, data.x_train.shape[0])
-    cal_loader = _loader(data.x_train[:n_cal], data.y_train[:n_cal])
-    held_loader = _loader(setup.x_holdout, setup.y_holdout)
+    if getattr(setup, "streamed", None) is not None:
+        n_train = setup.streamed.n_train
+        train_loader, cal_loader = setup.streamed.loader("train"), setup.streamed.loader("calibrate")
+        held_loader = setup.streamed.loader("holdout")
+    else:
+        n_train = len(data.y_train)
+        train_loader = _loader(data.x_train, data.y_train)
+        n_cal = data.x_train.shape[0] if config.n_calibrate is None else min(config.n_calibrate, data.x_train.shape[0])
+        cal_loader = _loader(data.x_train[:n_cal], data.y_train[:n_cal])
+        held_loader = _loader(setup.x_holdout, setup.y_holdout)
     thresholds: dict[str, dict[str, dict[float, Tensor]]] = {}
     with timer("fit_detectors", f"model {name}: I-defender{' and Mahalanobis' if baseline else ''} on "
-                                f"{len(data.y_train)} training images; train and held-out thresholds"):
+                                f"{n_train} training images; train and held-out thresholds"):
         idefender = IDefender(model, list(config.detector_layers()), config.n_components,
                               covariance_type=config.covariance_type, keep=0.95, reg_covar=config.reg_covar,
                               random_state=config.seed, memory_budget=budget,
@@ -336,6 +408,36 @@ def score(x: Tensor, model: nn.Module, defence: Defence, batch_size: int,
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+@torch.no_grad()
+def score_loader(loader: Any, model: nn.Module, defence: Defence, device: torch.device) -> dict[str, Tensor]:
+    """:func:`score` over a loader of ``(x, y)`` batches (a streamed dataset's natural images):
+    a detector that scores under the predicted class evaluates that class's density only
+    (``log_density(x, pred)``; ImageNet: one of 1000 full-covariance Gaussians per image)."""
+    parts: dict[str, list[Tensor]] = {"pred": []}
+    for xb, _ in loader:
+        xb = xb.to(device, non_blocking=True)
+        pred = model(xb).argmax(1)
+        parts["pred"].append(pred.cpu())
+        for key, detector in defence.detectors().items():
+            if getattr(detector, "score_class", "predicted") == "closest":
+                log_density = detector.log_density(xb)  # (B, C): a shared covariance, cheap
+                scored = log_density.argmax(1)
+                value = log_density.gather(1, scored[:, None])[:, 0]
+            else:
+                scored, value = pred, detector.log_density(xb, pred)  # (B,)
+            parts.setdefault(key, []).append(value.double().cpu())
+            parts.setdefault(f"{key}_class", []).append(scored.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def score_natural(setup: Setup, model: nn.Module, defence: Defence, batch_size: int) -> dict[str, Tensor]:
+    """Scores of every natural evaluation image (:func:`score`, or :func:`score_loader` for a
+    streamed dataset), in the evaluation order (the attacked images first)."""
+    if setup.streamed is not None:
+        return score_loader(setup.streamed.loader("eval"), model, defence, setup.device)
+    return score(setup.x_eval, model, defence, batch_size, setup.device)
+
+
 def rejected(scores: dict[str, Tensor], key: str, thresholds: Tensor) -> Tensor:
     """Boolean ``(N,)``: the detector ``key`` rejects (score below its scored class's threshold)."""
     return scores[key] < thresholds.double()[scores[f"{key}_class"]]
@@ -373,13 +475,15 @@ def base_results(experiment: str, config: ProtocolConfig, setup: Setup, defence:
     from idefender_gpu.experiments._common import machine_info
 
     data, det = setup.data, defence.idefender
-    n_attack = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
+    n_train, n_eval, n_holdout = setup.counts()
+    n_attack = n_eval if config.n_attack is None else min(config.n_attack, n_eval)
     return {
         "experiment": experiment, "dataset": data.name, "seed": config.seed, "config": config.to_json(),
         "stand_in": bool(getattr(data, "stand_in", False)),
-        "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": int(data.x_train.shape[0]),
-                 "n_eval": int(setup.x_eval.shape[0]), "n_attack": int(n_attack),
-                 "n_holdout": int(setup.x_holdout.shape[0])},
+        "data": {"source": display_path(data.source), "sha256": data.sha256, "n_train": n_train,
+                 "n_eval": n_eval, "n_attack": int(n_attack), "n_holdout": n_holdout,
+                 **({"holdout": "a seeded, stratified share of val; the evaluation images in a seeded order"}
+                    if getattr(setup, "streamed", None) is not None else {})},
         "models": setup.model_info,
         "detector": {"layers": list(det.layers_), "n_features": int(sum(det.n_features_.values())),
                      "n_components": config.n_components, "covariance_type": config.covariance_type,
@@ -419,8 +523,8 @@ def begin_single_model(config: ProtocolConfig, experiment: str) -> SingleModelRu
     name = config.profile().roles[0].model  # F on the MNIST family
     defence = fit_defence(config, setup, setup.model, timer, name)
     n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
-    with timer("score", f"score {setup.x_eval.shape[0]} natural evaluation images"):
-        natural_all = score(setup.x_eval, setup.model, defence, config.batch_size, device)
+    with timer("score", f"score {setup.counts()[1]} natural evaluation images"):
+        natural_all = score_natural(setup, setup.model, defence, config.batch_size)
     results = base_results(experiment, config, setup, defence)
     results["thresholds"] = threshold_summary(defence, natural_all, name)
     return SingleModelRun(device, timer, start, setup, defence, setup.x_eval[:n], setup.y_eval[:n],

@@ -164,17 +164,20 @@ PROTOCOL_DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagenet")
 def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
     """The :class:`ProtocolConfig` fields from the arguments, after checking that ``experiment``
     runs on the dataset (``--stand-in``: the stand-in sizes wherever an option keeps its default)."""
-    from idefender_gpu.experiments._datasets import STAND_IN_SIZES, check_supported
+    from idefender_gpu.experiments._datasets import (DATASET_DEFAULTS, STAND_IN_DATASET_SIZES, STAND_IN_SIZES,
+                                                     check_supported)
 
     stand_in = bool(getattr(args, "stand_in", False))
     check_supported(experiment, args.dataset, stand_in)  # one line for what is not built
-    if stand_in:
-        if args.data is not None:
-            raise ValueError("--stand-in uses no data files: drop --data (or drop --stand-in to use them)")
+    if stand_in and args.data is not None:
+        raise ValueError("--stand-in uses no data files: drop --data (or drop --stand-in to use them)")
+    sizes = {**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})} if stand_in else {}
+    sizes.update(DATASET_DEFAULTS.get(args.dataset, {}))
+    if sizes:
         defaults = argparse.ArgumentParser(add_help=False)
         _protocol_options(defaults)
         defaults = vars(defaults.parse_args([]))
-        for key, value in STAND_IN_SIZES.items():
+        for key, value in sizes.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
     return dict(dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs, n_train=args.n_train,
@@ -183,7 +186,8 @@ def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
                 download=not args.no_download, cache=args.cache,
                 layers=None if args.layers is None else tuple(args.layers),
                 n_components=args.components, covariance_type=args.covariance, reg_covar=args.reg_covar,
-                batch_size=args.batch_size, stand_in=stand_in, weights=tuple(getattr(args, "weights", None) or ()))
+                batch_size=args.batch_size, stand_in=stand_in, weights=tuple(getattr(args, "weights", None) or ()),
+                workers=getattr(args, "workers", None))
 
 
 def _run_protocol(args: argparse.Namespace, name: str, config, run, markdown) -> int:
@@ -226,7 +230,8 @@ def _graybox(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments._datasets import STAND_IN_STEPS
 
     kwargs = _protocol_kwargs(args, "graybox")
-    config = GrayboxConfig(**kwargs, wide=not args.no_wide, steps=STAND_IN_STEPS if kwargs["stand_in"] else 10)
+    config = GrayboxConfig(**kwargs, wide=not args.no_wide, steps=STAND_IN_STEPS if kwargs["stand_in"] else 10,
+                           eps_scale=args.eps_scale)
     return _run_protocol(args, "graybox", config, run_graybox, markdown)
 
 
@@ -346,9 +351,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         description="The paper's gray-box protocol: Source and Target (model F, or WRN-34-8 on CIFAR-10; seeds "
                     "seed+1, seed+2) and a bigger network (a 1.5x wider F, or WRN-46-8), each with its own "
                     "I-defender; GrayBox (Eq. 6) crafted on Source with alpha in {0, 1e-3, 1e-2, 1e-1, 1} "
-                    "(CIFAR-10: the paper's 1e-3, 1e-2, 1e-1 and eps). --stand-in: the CIFAR-10 pipeline in "
-                    "seconds on random images (not a reproduction). Writes results.json, report.md and ROC "
-                    "PNGs into --out.",
+                    "(CIFAR-10: the paper's 1e-3, 1e-2, 1e-1 and eps; ImageNet, Table 9: two VGG19s from "
+                    "--weights SOURCE --weights TARGET, --data ROOT, alpha 1e-2, 1e-1, 1, run one model at a time). "
+                    "--stand-in: the CIFAR-10 or ImageNet pipeline in seconds on random images (not a "
+                    "reproduction). Writes results.json, report.md and ROC PNGs into --out.",
         options=_graybox_options, run=_graybox, datasets=PROTOCOL_DATASETS),
     "adaptive": Experiment(
         help="adaptive white-box attacker (MarginPGD on DefendedModel) at the dataset's Linf eps, beside "

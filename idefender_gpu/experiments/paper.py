@@ -6,7 +6,8 @@ columns are copied by the paper from Samangouei et al. (2018).
 
 from __future__ import annotations
 
-__all__ = ["FGSM_TABLES", "GRAYBOX_ALPHAS", "GRAYBOX_ATTACKS", "GRAYBOX_TABLES", "SEMIWHITEBOX_TABLE",
+__all__ = ["FGSM_TABLES", "GRAYBOX_ALPHAS", "GRAYBOX_ATTACKS", "GRAYBOX_TABLES", "IMAGENET_ALPHAS",
+           "IMAGENET_ATTACKS", "IMAGENET_TABLE", "IMAGENET_TARGET_CLEAN_ACC", "SEMIWHITEBOX_TABLE",
            "SETTINGS_TABLES", "fgsm_paper_auc"]
 
 #: dataset -> {"table": paper table, "figure": ROC figure, "defense_gan": its GD setting,
@@ -101,4 +102,24 @@ GRAYBOX_TABLES = {
                                                            (83.945, 87.553)],
                 "Iter-L2 eps=0.47 (WRN-34 / WRN-46)": [(86.249, 86.23), (84.740, 86.215), (85.406, 85.844),
                                                         (85.576, 85.528)]},
+}
+
+
+#: Table 9's attacks on ImageNet (VGG19 Source and Target): (label, GrayBox base, eps). The
+#: paper does not say on which pixel scale its eps are; we apply them to [0, 1] pixels (see
+#: ``_datasets.PROFILES["imagenet"]``'s notes and ``--eps-scale``)
+IMAGENET_ATTACKS = (("FGSM eps=0.3", "fgsm", 0.3), ("Iter-Linf eps=0.019", "bim", 0.019),
+                    ("Iter-L2 eps=12.5", "l2", 12.5))
+IMAGENET_ALPHAS = (1e-2, 1e-1, 1.0)
+#: Table 9: the Target VGG19's clean accuracy on the natural data, in %
+IMAGENET_TARGET_CLEAN_ACC = 71.028
+#: Table 9 (ImageNet, gray-box, crafted on Source, evaluated on Target): alpha -> attack label
+#: -> (Target adversarial accuracy %, Target I-defender detection AUC %)
+IMAGENET_TABLE = {
+    1e-2: {"FGSM eps=0.3": (70.892, 62.685), "Iter-Linf eps=0.019": (62.636, 97.201),
+           "Iter-L2 eps=12.5": (59.032, 93.832)},
+    1e-1: {"FGSM eps=0.3": (70.892, 62.801), "Iter-Linf eps=0.019": (62.646, 97.211),
+           "Iter-L2 eps=12.5": (59.016, 93.837)},
+    1.0: {"FGSM eps=0.3": (70.892, 62.612), "Iter-Linf eps=0.019": (62.648, 97.215),
+          "Iter-L2 eps=12.5": (59.010, 93.834)},
 }

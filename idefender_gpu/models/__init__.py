@@ -35,6 +35,7 @@ from idefender_gpu.models._registry import MODEL_NAMES, build_model, hidden_laye
 from idefender_gpu.models._wideresnet import CIFAR10_MEAN, CIFAR10_STD, WideResNet, wide_resnet
 
 _LAZY = {
+    "NarrowVGG19": "idefender_gpu.models._vgg",
     "VGG19": "idefender_gpu.models._vgg",
     "vgg19": "idefender_gpu.models._vgg",
     "load_state_file": "idefender_gpu.models._vgg",

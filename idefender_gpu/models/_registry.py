@@ -13,7 +13,7 @@ from idefender_gpu.models._wideresnet import parse_wrn_name, wide_resnet
 __all__ = ["MODEL_NAMES", "build_model", "hidden_layer"]
 
 #: the names :func:`build_model` accepts, for messages ("wrn-D-K" stands for every WRN)
-MODEL_NAMES = ("E", "F", "wrn-D-K", "vgg19")
+MODEL_NAMES = ("E", "F", "wrn-D-K", "vgg19", "vgg19-narrow")
 _PAPER_LAYERS = {"E": "fc3:input", "F": "fc:input"}
 
 
@@ -26,7 +26,8 @@ def build_model(name: str, n_classes: int | None = None, **kwargs: Any) -> nn.Mo
         ``"E"``, ``"F"`` (the paper's Table 1, 1x28x28 inputs), ``"wrn-D-K"`` (a
         :class:`~idefender_gpu.models.WideResNet`, ``D = 6n + 4``: ``"wrn-34-8"``,
         ``"wrn-46-8"``, 3x32x32 inputs) or ``"vgg19"`` (torchvision's architecture, 3x224x224
-        inputs; pass ``weights=`` to load a file, see :func:`~idefender_gpu.models.vgg19`).
+        inputs; pass ``weights=`` to load a file, see :func:`~idefender_gpu.models.vgg19`) or
+        ``"vgg19-narrow"`` (:class:`~idefender_gpu.models.NarrowVGG19`, the ImageNet stand-in's).
     n_classes : int, optional
         Default 10, or 1000 for ``"vgg19"``.
     **kwargs
@@ -41,6 +42,10 @@ def build_model(name: str, n_classes: int | None = None, **kwargs: Any) -> nn.Mo
         from idefender_gpu.models._vgg import vgg19  # torchvision, on first use only
 
         return vgg19(n_classes=1000 if n_classes is None else n_classes, **kwargs)
+    if isinstance(name, str) and name == "vgg19-narrow":  # the ImageNet stand-in's network
+        from idefender_gpu.models._vgg import NarrowVGG19
+
+        return NarrowVGG19(10 if n_classes is None else n_classes, **kwargs)
     n_classes = 10 if n_classes is None else n_classes
     if isinstance(name, str) and name in MODELS:
         if kwargs:
@@ -60,7 +65,7 @@ def hidden_layer(name: str) -> str:
     """
     if isinstance(name, str) and name in _PAPER_LAYERS:
         return _PAPER_LAYERS[name]
-    if isinstance(name, str) and name == "vgg19":
+    if isinstance(name, str) and name in ("vgg19", "vgg19-narrow"):
         return "classifier.6:input"
     if parse_wrn_name(name) is not None:
         return WRN_HIDDEN_LAYER

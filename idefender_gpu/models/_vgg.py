@@ -32,8 +32,8 @@ from torchvision.models.vgg import VGG, cfgs, make_layers
 from idefender_gpu._files import check_path, read_verified
 from idefender_gpu.models._paper import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
-__all__ = ["HIDDEN_LAYER", "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION_FILE", "VGG19", "load_state_file",
-           "torchvision_weights_path", "vgg19"]
+__all__ = ["HIDDEN_LAYER", "IMAGENET_MEAN", "IMAGENET_STD", "NarrowVGG19", "TORCHVISION_FILE", "VGG19",
+           "load_state_file", "torchvision_weights_path", "vgg19"]
 
 #: ImageNet's per-channel statistics (torchvision's preprocessing)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,6 +80,69 @@ class VGG19(VGG):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward((x - self.mean) / self.std)
+
+
+class _KaimingConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose ``reset_parameters`` is torchvision's VGG initialisation (He normal,
+    fan-out; zero bias): a re-initialisation (``models.train``) keeps a deep plain network trainable."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _KaimingLinear(nn.Linear):
+    """``nn.Linear`` re-initialised He normal (fan-in), zero bias."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class NarrowVGG19(VGG19):
+    """VGG19 with every convolution ``divisor`` times narrower and a ``hidden``-wide classifier.
+
+    The stand-in of ``reproduce graybox --dataset imagenet --stand-in`` (registry name
+    ``"vgg19-narrow"``): the same module names as :class:`VGG19` (``features.0`` ...
+    ``features.36``, ``avgpool``, ``classifier.0`` ... ``classifier.6``), so the same
+    detector layer (:data:`HIDDEN_LAYER`, here ``hidden`` features), the same
+    normalisation inside, and any input of at least 32 x 32 pixels (the adaptive pooling).
+    Its layers re-initialise He normal (torchvision's VGG initialisation, the classifier's
+    too): with PyTorch's default initialisation a plain 19-layer network this narrow
+    outputs a constant and never trains.
+
+    Parameters
+    ----------
+    n_classes : int, default=10
+    divisor : int, default=8
+        Each of VGG19's convolution widths (64 ... 512) divided by it (8 ... 64).
+    hidden : int, default=128
+        Width of the two hidden Linear layers (VGG19's: 4096).
+    dropout : float, default=0.0
+    """
+
+    def __init__(self, n_classes: int = 10, *, divisor: int = 8, hidden: int = 128, dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)  # VGG's own __init__ would allocate the 4096-wide classifier first
+        layers: list[nn.Module] = []
+        channels = 3
+        for v in cfgs["E"]:  # make_layers' layout (same indices), with the re-initialising layers
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                width = max(1, int(v) // divisor)
+                layers += [_KaimingConv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                channels = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            _KaimingLinear(channels * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+            _KaimingLinear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=dropout), _KaimingLinear(hidden, n_classes))
+        self.architecture = "vgg19-narrow"
+        self.hidden_layer = HIDDEN_LAYER
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
 
 
 def torchvision_weights_path() -> Path:
