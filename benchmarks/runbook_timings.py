@@ -51,7 +51,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from idefender_gpu.bench.timing import machine_info, sync
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, however it is run
+from idefender_gpu.bench.timing import machine_info, sync  # noqa: E402
 
 STEPS = ("wrn-train", "wrn-features", "vgg19-forward", "vgg19-attack-step", "jpeg-decode", "detector-fit")
 
@@ -84,7 +85,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "detector-fit": {"classes": 2, "features": 4096, "per_class": 1281},
     },
     "quick": {
-        "wrn-train": {"models": ("wrn-10-1",), "batch": 16, "warmup": 1, "probe": 1, "max_steps": 3},
+        "wrn-train": {"models": ("wrn-10-1",), "batch": 8, "warmup": 1, "probe": 1, "max_steps": 3,
+                      "min_run_steps": 3},
         "wrn-features": {"model": "wrn-10-1", "batch": 16, "warmup": 1, "max_iters": 2},
         "vgg19-forward": {"model": "wrn-10-1", "image": 32, "batch": 4, "warmup": 1, "max_iters": 2},
         "vgg19-attack-step": {"model": "wrn-10-1", "image": 32, "batch": 4, "warmup": 1, "max_iters": 2},
@@ -93,8 +95,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 #: Default cap of each step, in seconds, per profile (setup included).
-CAPS = {"cuda": {"wrn-train": 22, "wrn-features": 8, "vgg19-forward": 10, "vgg19-attack-step": 8,
-                 "jpeg-decode": 10, "detector-fit": 20},
+CAPS = {"cuda": {"wrn-train": 20, "wrn-features": 7, "vgg19-forward": 9, "vgg19-attack-step": 8,
+                 "jpeg-decode": 10, "detector-fit": 18},  # 72 s: gpu_check.sh gives the script 90 s
         "cpu": {"wrn-train": 40, "wrn-features": 12, "vgg19-forward": 15, "vgg19-attack-step": 15,
                 "jpeg-decode": 20, "detector-fit": 40},
         "quick": {step: 5 for step in STEPS}}
@@ -204,8 +206,8 @@ def step_wrn_train(step: Step) -> dict[str, Any]:
         warm_s = _train_run(model, x, y, sizes["warmup"], step)
         n1 = sizes["probe"]
         t1 = _train_run(model, x, y, n1, step)
-        estimate = t1 / n1
-        n2 = min(max_steps, int((share_end - time.perf_counter()) / estimate))  # the probe's rate, setup included
+        estimate = max(t1 / n1, warm_s / sizes["warmup"])  # seconds per step, setup included: on the safe side
+        n2 = max(sizes.get("min_run_steps", 0), min(max_steps, int((share_end - time.perf_counter()) / estimate)))
         entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
                                  "warmup": {"steps": sizes["warmup"], "seconds": warm_s},
                                  "probe": {"steps": n1, "seconds": t1}}
@@ -215,7 +217,7 @@ def step_wrn_train(step: Step) -> dict[str, Any]:
             entry["run"] = {"steps": n2, "seconds": t2, "whole_epoch": n2 == epoch_steps}
             entry["method"] = "two runs: (run seconds - probe seconds) / (run steps - probe steps)"
         else:
-            per_step = estimate
+            per_step = t1 / n1
             entry["method"] = "one run: probe seconds / probe steps (no time for a longer run; setup included)"
         rate = batch / per_step
         entry.update(seconds_per_step=per_step, images_per_second=rate)
@@ -454,8 +456,19 @@ def combined(steps: dict[str, Any]) -> list[dict[str, Any]]:
                         vgg19_images_per_second=vgg["images_per_second"], decode_images_per_second=decode)]
 
 
+def write(record: dict[str, Any], path: str | None) -> None:
+    """The record as JSON at ``path`` (atomically: a killed run leaves the last complete file)."""
+    if path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        partial.replace(target)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every selected step under its cap; a JSON-able record."""
+    """Every selected step under its cap; a JSON-able record, written to ``args.out`` after
+    each step (``complete`` False until the last)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     profile = "quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")
     record: dict[str, Any] = {
@@ -463,7 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "note": ("Seconds, iterations and rates are measured here; every 'extrapolated' entry is arithmetic "
                  "on a measured rate (formula and inputs given), not a measurement."
                  + (" --quick: tiny models and sizes, a smoke run: no figure here is the runbook's." if args.quick else "")),
-        "pipeline": PIPELINE, "steps": {}}
+        "pipeline": PIPELINE, "steps_selected": list(args.steps), "complete": False, "steps": {}}
     if device.type == "cuda":
         record["machine"]["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     shared: dict[str, Any] = {}
@@ -477,11 +490,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result.update(cap_seconds=cap, wall_seconds=time.perf_counter() - step.start)
         record["steps"][name] = result
+        record["wall_seconds"] = time.perf_counter() - t0
+        write(record, args.out)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     shared.clear()
     record["extrapolated"] = combined(record["steps"])
     record["wall_seconds"] = time.perf_counter() - t0
+    record["complete"] = True
+    write(record, args.out)
     return record
 
 
@@ -522,6 +539,28 @@ def table(record: dict[str, Any]) -> str:
     for e in record.get("extrapolated", []):
         lines.append(f"| combined | | | {e['what']}: {_fmt_seconds(e['seconds'])} |")
     return "\n".join(lines)
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One line: each step's main rate, or its error; whether the run was complete."""
+    m = record["machine"]
+    parts = []
+    for name, entry in record["steps"].items():
+        if "error" in entry:
+            parts.append(f"{name} error ({entry['error'][:80]})")
+        elif "models" in entry:
+            parts += [f"{name} {model} {sub['images_per_second']:.0f} img/s (~{_fmt_seconds(sub['extrapolated'][0]['seconds'])}"
+                      f"/epoch)" for model, sub in entry["models"].items()]
+        elif "phases" in entry:
+            parts.append(f"{name} ~{_fmt_seconds(sum(e['seconds'] for e in entry['extrapolated']))} for 1000 classes")
+        else:
+            rate = next((entry[k] for k in ("images_per_second", "image_steps_per_second",
+                                            "images_per_second_per_worker") if k in entry), float("nan"))
+            parts.append(f"{name} {rate:.0f}/s")
+    missing = [s for s in record.get("steps_selected", []) if s not in record["steps"]]
+    tail = "" if record.get("complete", True) else f"; INCOMPLETE (not run: {', '.join(missing) or '?'})"
+    return (f"runbook timings ({record['profile']}) on {m.get('gpu') or m['cpu']}, {record['wall_seconds']:.0f} s: "
+            + "; ".join(parts) + tail)
 
 
 def parse_steps(text: str) -> tuple[str, ...]:
@@ -571,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="attacked images in Table 9's extrapolation (default %(default)s)")
     parser.add_argument("--threads", type=_positive(int), default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, metavar="FILE", help="write the JSON record there")
+    parser.add_argument("--summary", default=None, metavar="FILE",
+                        help="print one line of the record in FILE (the GPU check's summary) and exit")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers: expected an int >= 0; got {args.workers}")
@@ -583,11 +624,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() is False)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.summary:
+        print(summary_line(json.loads(Path(args.summary).read_text())))
+        return 0
     record = run(args)
-    text = json.dumps(record, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
     print(table(record))
     failed = [name for name, entry in record["steps"].items() if "error" in entry]
     if failed:
