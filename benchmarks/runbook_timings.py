@@ -51,7 +51,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, however it is run
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, _ROOT)  # this checkout's package, however the script is run
+from idefender_gpu.bench.detector_workloads import memory_status  # noqa: E402
 from idefender_gpu.bench.timing import machine_info, sync  # noqa: E402
 
 STEPS = ("wrn-train", "wrn-features", "vgg19-forward", "vgg19-attack-step", "jpeg-decode", "detector-fit")
@@ -336,9 +338,13 @@ def _write_jpegs(root: Path, n: int, seed: int = 0) -> dict[str, Any]:
 
     for c in range(4):
         (root / "train" / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        sizes = list(pool.map(lambda i: _write_jpeg(root, i, seed), range(n)))
+    t0, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(1)  # one intra-op thread per writer thread
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            sizes = list(pool.map(lambda i: _write_jpeg(root, i, seed), range(n)))
+    finally:
+        torch.set_num_threads(threads)
     return {"images": n, "size_hw": list(JPEG_SIZE), "quality": JPEG_QUALITY, "mean_bytes": sum(sizes) / max(1, n),
             "content": "seeded noise: 2 upsampled octaves + per-pixel noise", "write_seconds": time.perf_counter() - t0}
 
@@ -410,8 +416,16 @@ def step_detector_fit(step: Step) -> dict[str, Any]:
     workload = scaled_detector_workload(DETECTOR_WORKLOADS["imagenet-width"], n_classes=classes,
                                         n_train=classes * per_class, n_test=classes, n_features=features,
                                         estimators=("empirical",), auc=False, name="runbook-detector-fit")
-    record = run_detector_workload(workload, device=step.device, isolate=not step.args.quick, probe=False,
-                                   limit_minutes=max(step.left(), 1.0) / 60)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [saved])])  # the child imports this checkout
+    try:
+        record = run_detector_workload(workload, device=step.device, isolate=not step.args.quick, probe=False,
+                                       limit_minutes=max(step.left(), 1.0) / 60)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     result = record["results"]["sorted/empirical"]
     if "error" in result:
         raise RuntimeError(f"detector fit: {result['error']}")
@@ -483,12 +497,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     for name in args.steps:
         cap = args.cap_s if args.cap_s is not None else CAPS[profile][name]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         step = Step(name, device, SIZES[profile][name], cap, args, shared)
         try:
             result = STEP_FUNCTIONS[name](step)
         except Exception as exc:  # noqa: BLE001 - recorded; the other steps go on
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result.update(cap_seconds=cap, wall_seconds=time.perf_counter() - step.start)
+        if device.type == "cuda":  # this process's peak in the step (detector-fit's own process: its entry)
+            result["step_cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         record["steps"][name] = result
         record["wall_seconds"] = time.perf_counter() - t0
         write(record, args.out)
@@ -498,6 +516,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     record["extrapolated"] = combined(record["steps"])
     record["wall_seconds"] = time.perf_counter() - t0
     record["complete"] = True
+    record["peak_rss_bytes"] = memory_status().get("VmHWM")  # this process (detector-fit's: its entry)
     write(record, args.out)
     return record
 
