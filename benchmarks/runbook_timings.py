@@ -492,7 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  + (" --quick: tiny models and sizes, a smoke run: no figure here is the runbook's." if args.quick else "")),
         "pipeline": PIPELINE, "steps_selected": list(args.steps), "complete": False, "steps": {}}
     if device.type == "cuda":
-        record["machine"]["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+        record["machine"].update(gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory,
+                                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     shared: dict[str, Any] = {}
     t0 = time.perf_counter()
     for name in args.steps:
@@ -612,7 +613,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="runbook_timings.py", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="runbook_timings.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--steps", type=parse_steps, default=STEPS, metavar="LIST",
