@@ -75,6 +75,7 @@ def test_quick_run_measures_every_step_and_extrapolates_from_the_measured_rates(
     assert [r["workers"] for r in jpeg["runs"]] == [0, 1] and all(r["images"] > 0 for r in jpeg["runs"])
     assert jpeg["extrapolated"][0]["seconds"] == pytest.approx(
         1_281_167 / (16 * jpeg["images_per_second_per_worker"]))
+    assert jpeg["extrapolated"][2]["seconds"] == pytest.approx(1_281_167 / (16 * jpeg["runs"][0]["images_per_second"]))
     fit = steps["detector-fit"]
     for phase, e in zip(("moments_pass", "parameters", "thresholds_pass"), fit["extrapolated"]):
         p = fit["phases"][phase]
