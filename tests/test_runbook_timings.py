@@ -81,6 +81,7 @@ def test_quick_run_measures_every_step_and_extrapolates_from_the_measured_rates(
         p = fit["phases"][phase]
         assert p["seconds"] > 0
         assert e["seconds"] == pytest.approx(1000 * (p["seconds"] - p["data_generation_seconds"]) / fit["classes"])
+    assert fit["extrapolated"][3]["seconds"] == pytest.approx(sum(e["seconds"] for e in fit["extrapolated"][:3]))
     assert fit["parameter_bytes_1000_classes"] == 1000 * 32 * 33 * 4
     assert record["extrapolated"][0]["seconds"] == pytest.approx(
         1_281_167 / min(vgg["images_per_second"], 16 * jpeg["images_per_second_per_worker"]))
