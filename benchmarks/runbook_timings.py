@@ -48,8 +48,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-from torch import nn
+_STARTED = time.perf_counter()  # before torch's import: --budget-s counts it
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, _ROOT)  # this checkout's package, however the script is run
@@ -518,13 +520,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     for name in args.steps:
         cap = args.cap_s if args.cap_s is not None else CAPS[profile][name]
+        if args.budget_s is not None:  # what the whole run has left (2 s kept for the last write)
+            cap = min(cap, args.budget_s - (time.perf_counter() - _STARTED) - 2.0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step = Step(name, device, SIZES[profile][name], cap, args, shared)
-        try:
-            result = STEP_FUNCTIONS[name](step)
-        except Exception as exc:  # noqa: BLE001 - recorded; the other steps go on
-            result = {"error": f"{type(exc).__name__}: {exc}"}
+        if cap < 1.0:
+            result = {"skipped": f"--budget-s {args.budget_s:g} spent before this step"}
+        else:
+            try:
+                result = STEP_FUNCTIONS[name](step)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other steps go on
+                result = {"error": f"{type(exc).__name__}: {exc}"}
         result.update(cap_seconds=cap, wall_seconds=time.perf_counter() - step.start)
         if device.type == "cuda":  # this process's peak in the step (detector-fit's own process: its entry)
             result["step_cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -556,8 +563,9 @@ def table(record: dict[str, Any]) -> str:
              record["note"], "", "| step | measured | rate | extrapolated (~) |", "|---|---|---|---|"]
 
     def rows(name: str, entry: dict[str, Any], label: str) -> None:
-        if "error" in entry:
-            lines.append(f"| {label} | error: {entry['error']} | | |")
+        if "error" in entry or "skipped" in entry:
+            lines.append(f"| {label} | {'error: ' + entry['error'] if 'error' in entry else 'skipped: ' + entry['skipped']}"
+                         " | | |")
             return
         rate = next((f"{entry[k]:.4g} {k.replace('_', ' ')}" for k in
                      ("images_per_second", "image_steps_per_second", "images_per_second_per_worker") if k in entry), "")
@@ -588,6 +596,8 @@ def summary_line(record: dict[str, Any]) -> str:
     for name, entry in record["steps"].items():
         if "error" in entry:
             parts.append(f"{name} error ({entry['error'][:80]})")
+        elif "skipped" in entry:
+            parts.append(f"{name} skipped ({entry['skipped']})")
         elif "models" in entry:
             parts += [f"{name} {model} {sub['images_per_second']:.0f} img/s (~{_fmt_seconds(sub['extrapolated'][0]['seconds'])}"
                       f"/epoch)" for model, sub in entry["models"].items()]
@@ -642,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-s", type=_positive(float), default=None, metavar="S",
                         help="time cap of every step in seconds (default per step: " +
                              ", ".join(f"{k} {v}" for k, v in CAPS["cuda"].items()) + " on CUDA)")
+    parser.add_argument("--budget-s", type=_positive(float), default=None, metavar="S",
+                        help="seconds for the whole run, imports included: a step's cap shrinks to what is "
+                             "left, a step with under 1 s is skipped (gpu_check.sh: 85 under its 90 s limit)")
     parser.add_argument("--workers", type=int, default=None, metavar="W",
                         help="DataLoader workers of jpeg-decode (also timed with 0; default 8 on CUDA, 2 on CPU)")
     parser.add_argument("--classes", type=_positive(int), default=None, metavar="C",
@@ -669,9 +682,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     record = run(args)
     print(table(record))
-    failed = [name for name, entry in record["steps"].items() if "error" in entry]
+    failed = [name for name, entry in record["steps"].items() if "error" in entry or "skipped" in entry]
     if failed:
-        print(f"runbook_timings: steps failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"runbook_timings: steps failed or skipped: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -112,8 +112,14 @@ def test_a_failing_step_is_recorded_and_the_others_run(runbook, tmp_path, monkey
     record = json.loads(out.read_text())
     assert record["steps"]["wrn-features"]["error"] == "RuntimeError: out of memory (simulated)"
     assert "phases" in record["steps"]["detector-fit"] and record["complete"]
-    assert "steps failed: wrn-features" in capsys.readouterr().err
+    assert "steps failed or skipped: wrn-features" in capsys.readouterr().err
     assert "wrn-features error (RuntimeError: out of memory" in runbook.summary_line(record)
+    # a spent --budget-s skips the steps left (recorded, the run fails); the caps shrink to what is left
+    assert runbook.main(["--quick", "--device", "cpu", "--steps", "detector-fit,jpeg-decode", "--budget-s", "0.5",
+                         "--out", str(out)]) == 1
+    skipped = json.loads(out.read_text())["steps"]
+    assert all(skipped[name]["skipped"] == "--budget-s 0.5 spent before this step" for name in skipped)
+    assert "| jpeg-decode | skipped: --budget-s 0.5" in capsys.readouterr().out
     # a record cut short (a timeout) says so in its summary line
     record.update(complete=False, steps_selected=[*record["steps_selected"], "jpeg-decode"])
     assert "INCOMPLETE (not run: jpeg-decode)" in runbook.summary_line(record)
