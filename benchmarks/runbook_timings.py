@@ -24,15 +24,20 @@ measurement. Steps (``--steps``, comma-separated, default all):
   per class (``idefender_gpu.bench``'s ``imagenet-width`` workload, scaled to a slice of the
   classes, in its own process) -> seconds per class of each phase -> 1000 classes.
 
-Usage (JSON to ``--out``, a table on stdout; exit status 1 when a step failed)::
+Usage (JSON to ``--out``, rewritten after each step; a table on stdout; exit status 1 when
+a step failed or was skipped)::
 
-    python benchmarks/runbook_timings.py --device cuda --out runbook_timings.json   # ~90 s on one H200
-    python benchmarks/runbook_timings.py --device cpu --threads 2 --out runbook_cpu.json  # ~2-3 min
+    python benchmarks/runbook_timings.py --device cuda --out runbook_timings.json   # ~80 s on one H200
+    python benchmarks/runbook_timings.py --device cpu --threads 2 --out runbook_cpu.json  # ~2-2.5 min
     python benchmarks/runbook_timings.py --quick        # a few seconds: tiny models, a smoke run
+    python benchmarks/runbook_timings.py --summary runbook_timings.json   # one line of a record
 
+Caps per step: :data:`CAPS` (``--cap-s`` sets them all; ``--budget-s`` shrinks them to what
+the whole run has left). Sizes per profile (``cuda``, ``cpu``, ``quick``): :data:`SIZES`.
 ``--quick`` uses tiny models and sizes (WRN-10-1 for every network, 32x32 inputs, D = 32),
 so its numbers say nothing about the runbook. ``benchmarks/gpu_check.sh`` runs the CUDA
-line as its last step.
+line (``--budget-s 85``) as its last step. Do not put a record in ``benchmarks/results/``
+itself (its ``*.json`` are the bench harness's records): use a sub-folder.
 """
 
 from __future__ import annotations
@@ -250,7 +255,8 @@ def _forward_rate(step: Step, model: nn.Module, batch: int, image: int, layer: s
             hooks.pop()
 
         timing = timed_loop(forward, step, warmup=step.sizes["warmup"], max_iters=step.sizes.get("max_iters"))
-    timing.update(batch=batch, image=image, layer=layer, images_per_second=batch * timing["iterations"] / timing["seconds"],
+    timing.update(batch=batch, image=image, layer=layer,
+                  images_per_second=batch * timing["iterations"] / timing["seconds"],
                   **precision_flags(step.device))
     return timing
 
@@ -451,11 +457,13 @@ def step_detector_fit(step: Step) -> dict[str, Any]:
     for phase in ("moments_pass", "parameters", "thresholds_pass"):
         entry = result["phases"][phase]
         work = entry["seconds"] - entry["data_generation_seconds"]  # the real states come from the network
-        out["phases"][phase] = {"seconds": entry["seconds"], "data_generation_seconds": entry["data_generation_seconds"],
+        out["phases"][phase] = {"seconds": entry["seconds"],
+                                "data_generation_seconds": entry["data_generation_seconds"],
                                 "seconds_per_class": work / classes}
         out["extrapolated"].append(extrapolate(
             f"{phase} for 1000 classes (synthetic-state generation excluded)", total_c * work / classes,
-            "1000 * (measured_seconds - data_generation_seconds) / classes", classes=classes, measured_seconds=entry["seconds"],
+            "1000 * (measured_seconds - data_generation_seconds) / classes", classes=classes,
+            measured_seconds=entry["seconds"],
             data_generation_seconds=entry["data_generation_seconds"]))
     works = [e["seconds"] for e in out["extrapolated"]]
     out["extrapolated"].append(extrapolate("the whole fit for 1000 classes (the three phases)", sum(works),
@@ -511,7 +519,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "runbook_timings", "profile": profile, "machine": machine_info(device),
         "note": ("Seconds, iterations and rates are measured here; every 'extrapolated' entry is arithmetic "
                  "on a measured rate (formula and inputs given), not a measurement."
-                 + (" --quick: tiny models and sizes, a smoke run: no figure here is the runbook's." if args.quick else "")),
+                 + (" --quick: tiny models and sizes, a smoke run: no figure here is the runbook's."
+                    if args.quick else "")),
         "pipeline": PIPELINE, "steps_selected": list(args.steps), "complete": False, "steps": {}}
     if device.type == "cuda":
         record["machine"].update(gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory,
@@ -564,8 +573,8 @@ def table(record: dict[str, Any]) -> str:
 
     def rows(name: str, entry: dict[str, Any], label: str) -> None:
         if "error" in entry or "skipped" in entry:
-            lines.append(f"| {label} | {'error: ' + entry['error'] if 'error' in entry else 'skipped: ' + entry['skipped']}"
-                         " | | |")
+            why = f"error: {entry['error']}" if "error" in entry else f"skipped: {entry['skipped']}"
+            lines.append(f"| {label} | {why} | | |")
             return
         rate = next((f"{entry[k]:.4g} {k.replace('_', ' ')}" for k in
                      ("images_per_second", "image_steps_per_second", "images_per_second_per_worker") if k in entry), "")
@@ -599,8 +608,9 @@ def summary_line(record: dict[str, Any]) -> str:
         elif "skipped" in entry:
             parts.append(f"{name} skipped ({entry['skipped']})")
         elif "models" in entry:
-            parts += [f"{name} {model} {sub['images_per_second']:.0f} img/s (~{_fmt_seconds(sub['extrapolated'][0]['seconds'])}"
-                      f"/epoch)" for model, sub in entry["models"].items()]
+            parts += [f"{name} {model} {sub['images_per_second']:.0f} img/s "
+                      f"(~{_fmt_seconds(sub['extrapolated'][0]['seconds'])}/epoch)"
+                      for model, sub in entry["models"].items()]
         elif "phases" in entry:
             parts.append(f"{name} ~{_fmt_seconds(entry['extrapolated'][-1]['seconds'])} for 1000 classes")
         else:
