@@ -86,7 +86,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "detector-fit": {"classes": 100, "features": 4096, "per_class": 1281},
     },
     "cpu": {
-        "wrn-train": {"models": ("wrn-34-8", "wrn-46-8"), "batch": 8, "warmup": 1, "probe": 1, "max_steps": 40},
+        "wrn-train": {"models": ("wrn-34-8", "wrn-46-8"), "batch": 8, "warmup": 1, "probe": 2, "max_steps": 40},
         "wrn-features": {"model": "wrn-34-8", "batch": 16, "warmup": 1},
         "vgg19-forward": {"model": "vgg19", "image": 224, "batch": 2, "warmup": 1},
         "vgg19-attack-step": {"model": "vgg19", "image": 224, "batch": 2, "warmup": 1},
@@ -95,7 +95,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "quick": {
         "wrn-train": {"models": ("wrn-10-1",), "batch": 8, "warmup": 1, "probe": 1, "max_steps": 3,
-                      "min_run_steps": 3},
+                      "min_run_steps": 3},  # always a second run: the two-run method is tested
         "wrn-features": {"model": "wrn-10-1", "batch": 16, "warmup": 1, "max_iters": 2},
         "vgg19-forward": {"model": "wrn-10-1", "image": 32, "batch": 4, "warmup": 1, "max_iters": 2},
         "vgg19-attack-step": {"model": "wrn-10-1", "image": 32, "batch": 4, "warmup": 1, "max_iters": 2},
@@ -193,9 +193,11 @@ def _train_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, s
 
 
 def step_wrn_train(step: Step) -> dict[str, Any]:
-    """``train_classifier`` steps: a warm-up run, a probe run of ``probe`` steps, then a longer run
-    filling the model's share of the cap (a whole epoch when it fits); the difference of the two
-    timed runs over their difference in steps is the time of one step without the call's setup."""
+    """``train_classifier`` runs of growing length per model: a warm-up run, a probe of ``probe``
+    steps, then runs as long as the model's share of the cap allows (at most a whole epoch),
+    each sized from the rate of the runs before it (with a 1.2 margin). The difference of
+    the last two runs over their difference in steps is the time of one step without the
+    call's setup (re-initialisation, optimizer, the batch order)."""
     from idefender_gpu.data import stand_in_dataset
 
     sizes, device = step.sizes, step.device
@@ -213,20 +215,26 @@ def step_wrn_train(step: Step) -> dict[str, Any]:
         share_end = time.perf_counter() + step.left() / (len(models) - index)
         model = build(name, device)
         warm_s = _train_run(model, x, y, sizes["warmup"], step)
-        n1 = sizes["probe"]
-        t1 = _train_run(model, x, y, n1, step)
-        estimate = max(t1 / n1, warm_s / sizes["warmup"])  # seconds per step, setup included: on the safe side
-        n2 = max(sizes.get("min_run_steps", 0), min(max_steps, int((share_end - time.perf_counter()) / estimate)))
+        runs = [(sizes["probe"], _train_run(model, x, y, sizes["probe"], step))]
+        while runs[-1][0] < max_steps:
+            (n, t), previous = runs[-1], runs[-2] if len(runs) > 1 else None
+            per_step = t / n if previous is None else max(t - previous[1], 1e-9) / (n - previous[0])
+            setup = 0.0 if previous is None else max(0.0, t - n * per_step)
+            fits = int((share_end - time.perf_counter() - setup) / (1.2 * per_step))
+            n_next = min(max_steps, max(fits, sizes.get("min_run_steps", 0) if len(runs) == 1 else 0))
+            if n_next <= n:
+                break
+            runs.append((n_next, _train_run(model, x, y, n_next, step)))
         entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
                                  "warmup": {"steps": sizes["warmup"], "seconds": warm_s},
-                                 "probe": {"steps": n1, "seconds": t1}}
-        if n2 > n1:
-            t2 = _train_run(model, x, y, n2, step)
+                                 "runs": [{"steps": n, "seconds": t} for n, t in runs],
+                                 "whole_epoch": runs[-1][0] == epoch_steps}
+        if len(runs) > 1:
+            (n1, t1), (n2, t2) = runs[-2], runs[-1]
             per_step = max(t2 - t1, 1e-9) / (n2 - n1)
-            entry["run"] = {"steps": n2, "seconds": t2, "whole_epoch": n2 == epoch_steps}
-            entry["method"] = "two runs: (run seconds - probe seconds) / (run steps - probe steps)"
+            entry["method"] = "two runs: (last run's seconds - the one before's) / (their difference in steps)"
         else:
-            per_step = t1 / n1
+            per_step = runs[0][1] / runs[0][0]
             entry["method"] = "one run: probe seconds / probe steps (no time for a longer run; setup included)"
         rate = batch / per_step
         entry.update(seconds_per_step=per_step, images_per_second=rate)

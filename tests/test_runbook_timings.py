@@ -57,7 +57,10 @@ def test_quick_run_measures_every_step_and_extrapolates_from_the_measured_rates(
             assert e["kind"] == "extrapolation" and e["seconds"] > 0 and e["formula"] and e["inputs"], (name, e)
     # the extrapolations are the measured rates times the pipeline's counts
     train = steps["wrn-train"]["models"]["wrn-10-1"]
-    assert train["seconds_per_step"] > 0 and train["run"]["steps"] > train["probe"]["steps"]
+    (n1, t1), (n2, t2) = [(r["steps"], r["seconds"]) for r in train["runs"][-2:]]
+    assert train["method"].startswith("two runs") and n2 > n1 and t1 > 0
+    assert train["seconds_per_step"] == pytest.approx(max(t2 - t1, 1e-9) / (n2 - n1))
+    assert train["images_per_second"] == pytest.approx(steps["wrn-train"]["batch"] / train["seconds_per_step"])
     epoch_steps = math.ceil(50_000 / steps["wrn-train"]["batch"])
     assert train["extrapolated"][0]["seconds"] == pytest.approx(epoch_steps * train["seconds_per_step"])
     assert train["extrapolated"][1]["seconds"] == pytest.approx(200 * epoch_steps * train["seconds_per_step"])
