@@ -616,7 +616,7 @@ def summary_line(record: dict[str, Any]) -> str:
         elif "skipped" in entry:
             parts.append(f"{name} skipped ({entry['skipped']})")
         elif "models" in entry:
-            parts += [f"{name} {model} {sub['images_per_second']:.0f} img/s "
+            parts += [f"{name} {model} {sub['images_per_second']:.3g} img/s "
                       f"(~{_fmt_seconds(sub['extrapolated'][0]['seconds'])}/epoch)"
                       for model, sub in entry["models"].items()]
         elif "phases" in entry:
@@ -624,7 +624,7 @@ def summary_line(record: dict[str, Any]) -> str:
         else:
             rate = next((entry[k] for k in ("images_per_second", "image_steps_per_second",
                                             "images_per_second_per_worker") if k in entry), float("nan"))
-            parts.append(f"{name} {rate:.0f}/s")
+            parts.append(f"{name} {rate:.3g}/s")
     missing = [s for s in record.get("steps_selected", []) if s not in record["steps"]]
     tail = "" if record.get("complete", True) else f"; INCOMPLETE (not run: {', '.join(missing) or '?'})"
     return (f"runbook timings ({record['profile']}) on {m.get('gpu') or m['cpu']}, {record['wall_seconds']:.0f} s: "
