@@ -167,6 +167,34 @@ def shared_model(step: Step, name: str) -> nn.Module:
     return step.shared[key]
 
 
+def forward_flops(name: str, image: int) -> float | None:
+    """Floating-point operations of one image's forward pass through ``build_model(name)``
+    (``torch.utils.flop_counter``, multiply-adds counted 2, on the meta device: nothing is
+    computed); None where the counter fails."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.device("meta"):
+            model = build(name, torch.device("meta")).eval()
+            x = torch.empty(1, 3, image, image)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - a figure for context only
+        return None
+
+
+def with_flops(entry: dict[str, Any], name: str, image: int, rate: float, factor: float = 1.0,
+               what: str = "forward") -> None:
+    """Add the model's forward FLOPs per image and the rate they imply (``factor`` x forward
+    for training or attack steps: an approximation, said so)."""
+    flops = forward_flops(name, image)
+    if flops:
+        entry["forward_gflop_per_image"] = flops / 1e9
+        entry["achieved_tflops"] = factor * flops * rate / 1e12
+        entry["achieved_tflops_counts"] = what
+
+
 def precision_flags(device: torch.device) -> dict[str, Any]:
     """The float32 paths of this run: TF32 for convolutions (cuDNN) and for matmuls."""
     flags = {"dtype": "float32"}
@@ -238,6 +266,7 @@ def step_wrn_train(step: Step) -> dict[str, Any]:
             entry["method"] = "one run: probe seconds / probe steps (no time for a longer run; setup included)"
         rate = batch / per_step
         entry.update(seconds_per_step=per_step, images_per_second=rate)
+        with_flops(entry, name, 32, rate, 3.0, "3 x forward (forward + backward, approximately)")
         entry["extrapolated"] = [
             extrapolate("one 50,000-image epoch", epoch_steps * per_step, "ceil(50000 / batch) * seconds_per_step",
                         steps=epoch_steps, seconds_per_step=per_step),
@@ -275,6 +304,7 @@ def step_wrn_features(step: Step) -> dict[str, Any]:
     name = step.sizes["model"]
     out = _forward_rate(step, build(name, step.device), step.sizes["batch"], 32, hidden_layer(name))
     rate, n = out["images_per_second"], PIPELINE["cifar10_train"] + PIPELINE["cifar10_test"]
+    with_flops(out, name, 32, rate)
     out["model"] = name
     out["extrapolated"] = [extrapolate("hidden states of CIFAR-10's 50,000 train + 10,000 test images, one model",
                                        n / rate, "(50000 + 10000) / images_per_second", images=n,
@@ -289,6 +319,7 @@ def step_vgg19_forward(step: Step) -> dict[str, Any]:
     out = _forward_rate(step, shared_model(step, name), sizes["batch"], sizes["image"], hidden_layer(name))
     rate, n_train, n_val = out["images_per_second"], PIPELINE["imagenet_train"], PIPELINE["imagenet_val"]
     out["model"] = name
+    with_flops(out, name, sizes["image"], rate)
     out["extrapolated"] = [
         extrapolate("one pass over ImageNet's 1,281,167 training images (network only, decoding apart)",
                     n_train / rate, "1281167 / images_per_second", images=n_train, images_per_second=rate),
@@ -321,6 +352,7 @@ def step_vgg19_attack_step(step: Step) -> dict[str, Any]:
     steps = n_attack * PIPELINE["table9_alphas"] * PIPELINE["table9_steps_per_alpha"]
     out.update(model=name, batch=sizes["batch"], image=sizes["image"], image_steps_per_second=rate,
                **precision_flags(device))
+    with_flops(out, name, sizes["image"], rate, 2.0, "2 x forward (forward + backward to the input, approximately)")
     out["extrapolated"] = [extrapolate(
         f"Table 9's crafting on Source: {n_attack} images x 3 alphas x (10 + 10 + 1) steps (the detector's "
         "term of Eq. 6 not counted)", steps / rate, "n_attack * 3 * 21 / image_steps_per_second",
@@ -586,6 +618,8 @@ def table(record: dict[str, Any]) -> str:
             return
         rate = next((f"{entry[k]:.4g} {k.replace('_', ' ')}" for k in
                      ("images_per_second", "image_steps_per_second", "images_per_second_per_worker") if k in entry), "")
+        if entry.get("achieved_tflops"):
+            rate += f" ({entry['achieved_tflops']:.3g} TFLOP/s)"
         measured = (f"{entry['seconds']:.3g} s / {entry['iterations']} iterations" if "iterations" in entry
                     else f"{entry.get('wall_seconds', 0):.3g} s wall")
         if "seconds_per_step" in entry:
