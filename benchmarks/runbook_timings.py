@@ -28,7 +28,7 @@ Usage (JSON to ``--out``, rewritten after each step; a table on stdout; exit sta
 a step failed or was skipped)::
 
     python benchmarks/runbook_timings.py --device cuda --out runbook_timings.json   # ~80 s on one H200
-    python benchmarks/runbook_timings.py --device cpu --threads 2 --out runbook_cpu.json  # ~2-2.5 min
+    python benchmarks/runbook_timings.py --device cpu --threads 2 --out runbook_cpu.json  # ~2.5-3 min
     python benchmarks/runbook_timings.py --quick        # a few seconds: tiny models, a smoke run
     python benchmarks/runbook_timings.py --summary runbook_timings.json   # one line of a record
 
@@ -86,7 +86,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "detector-fit": {"classes": 100, "features": 4096, "per_class": 1281},
     },
     "cpu": {
-        "wrn-train": {"models": ("wrn-34-8", "wrn-46-8"), "batch": 8, "warmup": 1, "probe": 2, "max_steps": 40},
+        "wrn-train": {"models": ("wrn-34-8", "wrn-46-8"), "batch": 8, "warmup": 1, "probe": 1, "max_steps": 40},
         "wrn-features": {"model": "wrn-34-8", "batch": 16, "warmup": 1},
         "vgg19-forward": {"model": "vgg19", "image": 224, "batch": 2, "warmup": 1},
         "vgg19-attack-step": {"model": "vgg19", "image": 224, "batch": 2, "warmup": 1},
@@ -106,7 +106,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 #: Default cap of each step, in seconds, per profile (setup included).
 CAPS = {"cuda": {"wrn-train": 20, "wrn-features": 7, "vgg19-forward": 9, "vgg19-attack-step": 8,
                  "jpeg-decode": 10, "detector-fit": 18},  # 72 s: gpu_check.sh gives the script 90 s
-        "cpu": {"wrn-train": 40, "wrn-features": 12, "vgg19-forward": 15, "vgg19-attack-step": 15,
+        "cpu": {"wrn-train": 60, "wrn-features": 12, "vgg19-forward": 15, "vgg19-attack-step": 15,
                 "jpeg-decode": 20, "detector-fit": 40},
         "quick": {step: 5 for step in STEPS}}
 JPEG_SIZE = (375, 500)  # (H, W): ImageNet's typical image
