@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU acceptance check (issues 12 and 16): in one go, within about 8 minutes on one H100/H200
+# GPU acceptance check (issues 12, 14 and 16): in one go, within about 9.5 minutes on one H100/H200
 # (KeOps compilation included),
 #   1. the CUDA tests (pytest -m gpu once tests carry that marker, else -k cuda);
 #   2. idefender-gpu bench --device cuda on workloads a, b, d-full and a slice of c1
@@ -7,7 +7,10 @@
 #      then the detector workload imagenet-cpu (IDefender's streamed fit, thresholds and
 #      scoring: 1,281,167 x 1024 synthetic states made on the device, 1000 classes, K=1),
 #      each under a time limit;
-#   3. a short summary (also written to summary.md).
+#   3. benchmarks/runbook_timings.py --device cuda (issue 14: README's GPU runbook figures,
+#      WRN training and features, VGG19 forward and attack step, JPEG decoding, the detector
+#      fit at D = 4096; runbook_timings.json);
+#   4. a short summary (also written to summary.md).
 # JSON records, logs and the summary go to $OUT when it is set (the device tool's folder),
 # else to a fresh results/gpu-check-<UTC time>/. Nothing is written to benchmarks/results/.
 #
@@ -43,9 +46,10 @@ if [ -z "$out_dir" ]; then
 fi
 
 # Time limits, in seconds, of each step (shell timeout) and, in minutes, of one
-# implementation's phase inside a workload (bench --limit-min). Sum of the steps: 480 s
-# (imagenet-cpu's 60 s: 10 s from each earlier step and the 10 s that were left).
-T_TESTS=130; T_A=60; T_B=70; T_D=80; T_C1=80; T_IMAGENET=60
+# implementation's phase inside a workload (bench --limit-min). Sum of the steps: 570 s
+# (imagenet-cpu's 60 s: 10 s from each earlier step and the 10 s that were left; the runbook
+# timings' 90 s: ~72 s of step caps, Python start and CUDA set-up; the device tool allows 600 s).
+T_TESTS=130; T_A=60; T_B=70; T_D=80; T_C1=80; T_IMAGENET=60; T_RUNBOOK=90
 export PYTHONUNBUFFERED=1
 failed=0
 
@@ -100,7 +104,7 @@ else
   test_select=(-k cuda)
 fi
 bench=(python3 -m idefender_gpu.cli bench --device cuda --out "$out_dir" --iters 5 --repeats 2)
-steps_desc="CUDA tests (${test_select[*]}); bench a, b, d-full, c1 slice, imagenet-cpu"
+steps_desc="CUDA tests (${test_select[*]}); bench a, b, d-full, c1 slice, imagenet-cpu; runbook timings"
 
 if [ "$dry_run" = 1 ]; then
   echo "gpu_check --dry-run: Python: $py_choice; results: $out_dir; $steps_desc"
@@ -140,7 +144,13 @@ run $T_C1 "$out_dir/bench.log" -- "${bench[@]}" --workload c1 --scale 0.1 --grou
 # imagenet-cpu: the detector's streamed fit on the device, sorted batches (one variant process)
 run $T_IMAGENET "$out_dir/bench.log" -- "${bench[@]}" --workload imagenet-cpu --limit-min 0.8
 
-# --- 3. Summary -------------------------------------------------------------------------
+# --- 3. Runbook timings (issue 14) ----------------------------------------------------------
+# every per-step figure of README's GPU runbook; each step under its cap, the caps shrunk to
+# what is left of --budget-s (85 s, imports included); the JSON is rewritten after each step
+run $T_RUNBOOK "$out_dir/runbook.log" -- python3 benchmarks/runbook_timings.py --device cuda --budget-s 85 \
+  --out "$out_dir/runbook_timings.json"
+
+# --- 4. Summary -------------------------------------------------------------------------
 if [ "$dry_run" = 1 ]; then
   echo "[dry-run] summary of $out_dir/*.json -> $out_dir/summary.md"
   exit 0
@@ -152,6 +162,9 @@ fi
   echo
   python3 -c "import sys; from idefender_gpu.bench.report import format_summary, load_records; print(format_summary(load_records(sys.argv[1])))" "$out_dir"
   echo
-  echo "steps failed or timed out: $failed (logs: $out_dir/pytest_cuda.log, $out_dir/bench.log)"
+  python3 benchmarks/runbook_timings.py --summary "$out_dir/runbook_timings.json" 2>/dev/null \
+    || echo "runbook timings: no record (see $out_dir/runbook.log)"
+  echo
+  echo "steps failed or timed out: $failed (logs: $out_dir/pytest_cuda.log, $out_dir/bench.log, $out_dir/runbook.log)"
 } | tee "$out_dir/summary.md"
 [ "$failed" -eq 0 ]
