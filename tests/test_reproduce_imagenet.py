@@ -213,3 +213,20 @@ def test_the_stand_in_network_is_a_narrow_vgg19_that_survives_reinitialisation()
     with torch.no_grad():
         out = narrow.eval()(torch.rand(4, 3, 64, 64))  # (4, 10)
     assert out.shape == (4, 10) and float(out.std(0).mean()) > 1e-3
+
+
+@pytest.mark.parametrize("extra, n_holdout, batch_size", [
+    ([], 25000, 64),  # ImageNet's defaults: 25 held-out images per class, VGG19-sized batches
+    (["--n-holdout", "5000", "--batch-size", "32"], 5000, 32),  # the user's choice wins
+    (["--stand-in"], 20, 64),  # the stand-in's sizes win over ImageNet's defaults
+])
+def test_imagenet_defaults_fill_only_what_the_user_left(extra, n_holdout, batch_size):
+    import argparse
+
+    from idefender_gpu.experiments import cli as experiments_cli
+
+    parser = argparse.ArgumentParser()
+    experiments_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["reproduce", "graybox", "--dataset", "imagenet", *extra])
+    kwargs = experiments_cli._protocol_kwargs(args, "graybox")
+    assert (kwargs["n_holdout"], kwargs["batch_size"]) == (n_holdout, batch_size)

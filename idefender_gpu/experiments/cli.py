@@ -171,8 +171,9 @@ def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
     check_supported(experiment, args.dataset, stand_in)  # one line for what is not built
     if stand_in and args.data is not None:
         raise ValueError("--stand-in uses no data files: drop --data (or drop --stand-in to use them)")
-    sizes = {**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})} if stand_in else {}
-    sizes.update(DATASET_DEFAULTS.get(args.dataset, {}))
+    sizes = dict(DATASET_DEFAULTS.get(args.dataset, {}))  # then the stand-in's, which win
+    if stand_in:
+        sizes.update({**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})})
     if sizes:
         defaults = argparse.ArgumentParser(add_help=False)
         _protocol_options(defaults)
