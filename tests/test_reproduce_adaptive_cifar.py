@@ -89,18 +89,6 @@ def test_adaptive_stand_in_with_user_weights(tmp_path):
     assert set(results["skipped"]) == {"torchattacks", "ART"}
 
 
-def test_cifar10_without_data_prints_the_loaders_message(tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    code = main(["reproduce", "adaptive", "--dataset", "cifar10", "--data", str(empty), "--no-download",
-                 "--out", str(tmp_path / "out"), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    assert err.startswith(f"idefender-gpu: error: cifar10: the folder given by --data DIR, {empty}")
-    assert "cifar-10-binary.tar.gz" in err
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("eps", ["0", "0,8/255", "8/0", "2/255/3", "1.5"])
 def test_bad_eps_is_refused_in_one_line(tmp_path, capsys, eps):
     with pytest.raises(SystemExit) as exc:

@@ -90,7 +90,7 @@ def test_a_trained_wrn_is_cached_and_reused(tmp_path):
 def test_cifar10_without_data_prints_the_loaders_message(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for experiment in ("semi-whitebox", "graybox"):
+    for experiment in ("semi-whitebox", "graybox", "adaptive"):
         code = main(["reproduce", experiment, "--dataset", "cifar10", "--data", str(empty), "--no-download",
                      "--out", str(tmp_path / "out"), "--quiet"])
         err = capsys.readouterr().err
