@@ -151,11 +151,16 @@ def add_common_options(parser: argparse.ArgumentParser, datasets: tuple[str, ...
                         help="show the full traceback of an error")
 
 
-def _blackbox_options(parser: argparse.ArgumentParser) -> None:
+def _subset_options(parser: argparse.ArgumentParser) -> None:
+    """``--n-train`` and ``--n-test`` of the MNIST-family commands (blackbox, select)."""
     parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
                         help="use only the first N training images (default all)")
     parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
                         help="use only the first N test images (default all)")
+
+
+def _blackbox_options(parser: argparse.ArgumentParser) -> None:
+    _subset_options(parser)
     parser.add_argument("--n-other", type=count_or_all, default=1000, metavar="N",
                         help="test images attacked in every setting but black-box FGSM (BIM, L2, DeepFool, "
                              "semi-white-box): at most the first N of the evaluation set, or 'all' "
@@ -322,10 +327,7 @@ def _adaptive_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _select_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-train", type=positive_int, default=None, metavar="N",
-                        help="use only the first N training images (default all)")
-    parser.add_argument("--n-test", type=positive_int, default=None, metavar="N",
-                        help="use only the first N test images (default all)")
+    _subset_options(parser)
     parser.add_argument("--n-validation", type=_int_at_least(10, "an int >= 10"), default=10000, metavar="N",
                         help="the last N training images are the validation split (default %(default)s)")
     parser.add_argument("--select-epochs", type=_int_list, default=None, metavar="N,N",

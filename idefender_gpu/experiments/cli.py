@@ -161,6 +161,18 @@ def _blackbox(args: argparse.Namespace) -> int:
 PROTOCOL_DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagenet")
 
 
+def _fill_kept_defaults(args: argparse.Namespace, add_options: Callable[[argparse.ArgumentParser], None],
+                       values: dict) -> None:
+    """Set each of ``values`` (option name, ``_`` for ``-`` -> value) on ``args`` where the user
+    kept the default that ``add_options`` gives the option."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_options(parser)
+    defaults = vars(parser.parse_args([]))
+    for key, value in values.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+
+
 def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
     """The :class:`ProtocolConfig` fields from the arguments, after checking that ``experiment``
     runs on the dataset (``--stand-in``: the stand-in sizes wherever an option keeps its default)."""
@@ -174,13 +186,7 @@ def _protocol_kwargs(args: argparse.Namespace, experiment: str) -> dict:
     sizes = dict(DATASET_DEFAULTS.get(args.dataset, {}))  # then the stand-in's, which win
     if stand_in:
         sizes.update({**STAND_IN_SIZES, **STAND_IN_DATASET_SIZES.get(args.dataset, {})})
-    if sizes:
-        defaults = argparse.ArgumentParser(add_help=False)
-        _protocol_options(defaults)
-        defaults = vars(defaults.parse_args([]))
-        for key, value in sizes.items():
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
+    _fill_kept_defaults(args, _protocol_options, sizes)
     return dict(dataset=args.dataset, data=args.data, seed=args.seed, epochs=args.epochs, n_train=args.n_train,
                 n_test=args.n_test, n_holdout=args.n_holdout, n_attack=args.n_attack, n_calibrate=args.n_calibrate,
                 device=_default_device(args), progress=False if args.no_progress else None,
@@ -217,10 +223,10 @@ def _semiwhitebox(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments._datasets import STAND_IN_SEARCH
 
     kwargs = _protocol_kwargs(args, "semi-whitebox")
-    search = STAND_IN_SEARCH if kwargs["stand_in"] else {}
-    tolerance = search.get("tolerance", args.tolerance) if args.tolerance == 0.005 else args.tolerance
-    config = SemiWhiteboxConfig(**kwargs, tolerance=tolerance,
-                                **{k: v for k, v in search.items() if k != "tolerance"})
+    search = dict(STAND_IN_SEARCH) if kwargs["stand_in"] else {}
+    if search:
+        _fill_kept_defaults(args, _semiwhitebox_options, {"tolerance": search.pop("tolerance")})
+    config = SemiWhiteboxConfig(**kwargs, tolerance=args.tolerance, **search)
     return _run_protocol(args, "semi-whitebox", config, run_semiwhitebox, markdown)
 
 
@@ -241,15 +247,11 @@ def _adaptive(args: argparse.Namespace) -> int:
     from idefender_gpu.experiments.adaptive import STAND_IN_ATTACK, AdaptiveConfig, markdown, run_adaptive
 
     kwargs = _protocol_kwargs(args, "adaptive")
-    steps, targets = args.steps, args.targets
     if kwargs["stand_in"]:  # the stand-in's small counts wherever the user kept the defaults
-        defaults = argparse.ArgumentParser(add_help=False)
-        _adaptive_options(defaults)
-        defaults = vars(defaults.parse_args([]))
-        steps = STAND_IN_ATTACK["steps"] if steps == defaults["steps"] else steps
-        targets = STAND_IN_ATTACK["n_targets"] if targets == defaults["targets"] else targets
-    config = AdaptiveConfig(**kwargs, eps=args.eps, steps=steps, n_restarts=args.restarts,
-                            n_targets=targets, external=not args.no_external)
+        _fill_kept_defaults(args, _adaptive_options,
+                            {"steps": STAND_IN_ATTACK["steps"], "targets": STAND_IN_ATTACK["n_targets"]})
+    config = AdaptiveConfig(**kwargs, eps=args.eps, steps=args.steps, n_restarts=args.restarts,
+                            n_targets=args.targets, external=not args.no_external)
     return _run_protocol(args, "adaptive", config, run_adaptive, markdown)
 
 
