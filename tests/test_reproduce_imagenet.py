@@ -99,6 +99,8 @@ def test_graybox_stand_in_end_to_end_then_adaptive_from_the_cache(tmp_path, caps
     report, same = _outputs(tmp_path / "b")
     assert "this gray-box run is a white-box one" in same["notes"][0] and "white-box one" in report
     assert [same["models"][m]["checkpoint"] for m in ("Source", "Target")] == [source.name] * 2
+    # the same weights: Target's accuracy, taken from its natural scores, is Source's, from the loader pass
+    assert same["models"]["Target"]["test_accuracy"] == same["models"]["Source"]["test_accuracy"] is not None
 
 
 def test_eps_scale_divides_every_graybox_eps(capsys):

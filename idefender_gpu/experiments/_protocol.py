@@ -44,8 +44,8 @@ from idefender_gpu.features import parse_layers
 from idefender_gpu.metrics import roc_auc_score
 from idefender_gpu.models import evaluate
 
-__all__ = ["Defence", "ProtocolConfig", "Setup", "balanced_accuracy", "fit_defence", "prepare", "score",
-           "score_loader", "score_natural", "threshold_summary"]
+__all__ = ["Defence", "ProtocolConfig", "Setup", "balanced_accuracy", "fit_defence", "prepare", "record_accuracy",
+           "score", "score_loader", "score_natural", "threshold_summary"]
 
 #: threshold family -> what it is calibrated on
 THRESHOLDS = {"heldout": "held-out natural test images", "train": "natural training images"}
@@ -239,11 +239,12 @@ def model_record(info: dict[str, Any], accuracy: float, training: str) -> dict[s
             "train_seconds": info.get("train_seconds"), "training": training}
 
 
-def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
-    """Load and split the data (sizes checked before any training), then train or load F."""
+def prepare(config: ProtocolConfig, timer: PhaseTimer, accuracy: bool = True) -> Setup:
+    """Load and split the data (sizes checked before any training), then train or load F
+    (``accuracy``: as :func:`obtain_role`)."""
     device = check_device(config.device)
     if config.profile().streamed:
-        return _prepare_streamed(config, timer, device)
+        return _prepare_streamed(config, timer, device, accuracy)
     with timer("data", label=False):
         data = load_checked(config)
         n_test = data.x_test.shape[0]
@@ -265,7 +266,7 @@ def prepare(config: ProtocolConfig, timer: PhaseTimer) -> Setup:
     return setup
 
 
-def _prepare_streamed(config: ProtocolConfig, timer: PhaseTimer, device: torch.device) -> Setup:
+def _prepare_streamed(config: ProtocolConfig, timer: PhaseTimer, device: torch.device, accuracy: bool) -> Setup:
     """:func:`prepare` over loaders: the split, the attacked images in memory, the Source model."""
     from idefender_gpu.experiments._loaders import load_streamed
 
@@ -278,7 +279,7 @@ def _prepare_streamed(config: ProtocolConfig, timer: PhaseTimer, device: torch.d
                 "%d loader worker(s)", data.name, data.n_train, n_eval + len(data.holdout_idx), len(data.holdout_idx),
                 n, display_path(data.source), data.workers)
     setup = Setup(data, x, y, None, data.labels("holdout"), None, {}, device, streamed=data)
-    setup.model, record = obtain_role(config, setup, 0, timer)
+    setup.model, record = obtain_role(config, setup, 0, timer, accuracy)
     setup.model_info = {config.profile().roles[0].model: record}
     return setup
 
@@ -293,20 +294,30 @@ def _loader_accuracy(model: nn.Module, loader: Any, device: torch.device) -> flo
     return right / max(total, 1)
 
 
-def obtain_role(config: ProtocolConfig, setup: Setup, index: int, timer: PhaseTimer) -> tuple[nn.Module, dict]:
+def obtain_role(config: ProtocolConfig, setup: Setup, index: int, timer: PhaseTimer,
+                accuracy: bool = True) -> tuple[nn.Module, dict]:
     """The model of the profile's role ``index`` (user weights, cache or training; timed as
-    ``train``) and its results record (test accuracy on the evaluation set)."""
+    ``train``) and its results record (test accuracy on the evaluation set). A streamed
+    dataset's caller that scores every natural evaluation image anyway passes
+    ``accuracy=False`` and fills the accuracy from those scores (:func:`record_accuracy`):
+    one pass over the images instead of two."""
     role, epochs, weights = config.profile().roles[index], config.train_epochs(), config.weights_for(index)
     how = f"load {weights}" if weights is not None else (f"train {epochs} epoch(s) on {setup.counts()[0]} "
                                                          f"images, or load the cached checkpoint")
     with timer("train", f"model {role.role} ({role.model}): {how}"):
         model, info, training = obtain_model(role, setup.data, seed=config.seed, epochs=epochs, device=setup.device,
                                              cache=config.cache, weights=weights, progress=config.progress)
-    if setup.streamed is not None:  # every evaluation image, through the loader
-        accuracy = _loader_accuracy(model, setup.streamed.loader("eval"), setup.device)
-    else:
-        accuracy = float((evaluate(model, setup.x_eval.to(setup.device)).cpu() == setup.y_eval).double().mean())
-    return model, model_record(info, accuracy, training)
+    if setup.streamed is None:
+        value = float((evaluate(model, setup.x_eval.to(setup.device)).cpu() == setup.y_eval).double().mean())
+    else:  # every evaluation image, through the loader (or later, from the caller's scores)
+        value = _loader_accuracy(model, setup.streamed.loader("eval"), setup.device) if accuracy else None
+    return model, model_record(info, value, training)
+
+
+def record_accuracy(record: dict[str, Any], setup: Setup, natural: dict[str, Tensor]) -> None:
+    """Fill a streamed role's ``test_accuracy`` from :func:`score_natural`'s predictions."""
+    if record.get("test_accuracy") is None and setup.streamed is not None:
+        record["test_accuracy"] = float((natural["pred"] == setup.streamed.labels("eval")).double().mean())
 
 
 def _loader(x: Tensor, y: Tensor) -> DataLoader:
@@ -519,12 +530,13 @@ def begin_single_model(config: ProtocolConfig, experiment: str) -> SingleModelRu
     device = config.validate()
     timer = PhaseTimer(device)
     start = time.perf_counter()
-    setup = prepare(config, timer)
+    setup = prepare(config, timer, accuracy=False)  # a streamed Source's from the natural scores below
     name = config.profile().roles[0].model  # F on the MNIST family
     defence = fit_defence(config, setup, setup.model, timer, name)
     n = setup.x_eval.shape[0] if config.n_attack is None else min(config.n_attack, setup.x_eval.shape[0])
     with timer("score", f"score {setup.counts()[1]} natural evaluation images"):
         natural_all = score_natural(setup, setup.model, defence, config.batch_size)
+    record_accuracy(setup.model_info[name], setup, natural_all)
     results = base_results(experiment, config, setup, defence)
     results["thresholds"] = threshold_summary(defence, natural_all, name)
     return SingleModelRun(device, timer, start, setup, defence, setup.x_eval[:n], setup.y_eval[:n],

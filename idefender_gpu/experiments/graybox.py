@@ -57,6 +57,7 @@ from idefender_gpu.experiments._protocol import (
     fit_defence,
     obtain_role,
     prepare,
+    record_accuracy,
     rejected,
     score,
     score_loader,
@@ -250,10 +251,11 @@ def _run_sequential(config: GrayboxConfig, device: torch.device, timer: PhaseTim
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    target, setup.model_info["Target"] = obtain_role(config, setup, 1, timer)
+    target, setup.model_info["Target"] = obtain_role(config, setup, 1, timer, accuracy=False)  # from the scores
     defence = fit_defence(config, setup, target, timer, "Target", baseline=False)
     with timer("score", f"score {setup.counts()[1]} natural evaluation images on Target"):
         scores = score_natural(setup, target, defence, config.batch_size)
+    record_accuracy(setup.model_info["Target"], setup, scores)
     results["thresholds"] = threshold_summary(defence, scores, "Target")
     nat = {k: v[:n] for k, v in scores.items()}
     th = defence.thresholds["idefender"]["heldout"][0.95]
