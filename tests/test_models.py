@@ -249,3 +249,20 @@ def test_tampered_cache_entry_is_not_used(tmp_path):
     _tamper(Path(info["path"]))
     with pytest.raises(ValueError, match="integrity check.*Delete"):
         load_or_train("E", data, seed=0, epochs=1, cache=tmp_path, progress=False)
+
+
+def test_evaluate_builds_no_autograd_graph():
+    """Predictions need no graph: a batch of 1000 through a large network would otherwise keep
+    every activation for a backward pass that never comes."""
+    from idefender_gpu.models import evaluate
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    model = Probe(4, 3)
+    pred = evaluate(model, torch.randn(5, 4), batch_size=2)
+    assert pred.shape == (5,) and seen == [False] * 3 and torch.is_grad_enabled()

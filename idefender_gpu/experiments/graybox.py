@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from idefender_gpu._param_validation import Interval, Predicate
 from idefender_gpu.attacks import GrayBox
@@ -65,6 +65,7 @@ from idefender_gpu.experiments._protocol import (
     threshold_summary,
 )
 from idefender_gpu.experiments._common import craft as _craft
+from idefender_gpu.models import evaluate
 from idefender_gpu.experiments.paper import GRAYBOX_TABLES, IMAGENET_TABLE, IMAGENET_TARGET_CLEAN_ACC
 
 __all__ = ["ALPHAS", "GRAYBOX_ATTACKS", "GrayboxConfig", "WideF", "markdown", "run_graybox"]
@@ -203,11 +204,6 @@ def _same_file(paths: tuple[str, ...]) -> bool:
         return False
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    return torch.cat([model(x[sl].to(device)).argmax(1).cpu() for sl in batches(x.shape[0], batch_size)])
-
-
 def _run_sequential(config: GrayboxConfig, device: torch.device, timer: PhaseTimer, start: float) -> dict[str, Any]:
     """The protocol with one model and one detector in memory at a time (ImageNet): Source's
     detector, every adversarial set crafted on it, Source freed; then Target's detector and
@@ -227,7 +223,7 @@ def _run_sequential(config: GrayboxConfig, device: torch.device, timer: PhaseTim
     results = base_results("graybox", config, setup, defence)
     results["architectures"] = {r.role: r.model for r in profile.roles}
     results["paper_same_dataset"], results["notes"] = profile.paper_same_dataset, notes
-    source_clean = _predict(source, x, config.batch_size, device) == y
+    source_clean = evaluate(source, x, batch_size=config.batch_size) == y
     crafted = []
     for (label, base, eps), (paper_label, _, _) in zip(attacks, profile.graybox_attacks if config.attacks is None
                                                         else attacks):
@@ -237,7 +233,7 @@ def _run_sequential(config: GrayboxConfig, device: torch.device, timer: PhaseTim
             with timer("attack", False):
                 x_adv = _craft(attack, x, y, config.batch_size, device, f"gray-box {label} alpha={alpha:g}",
                                config.progress).cpu()
-            source_right = _predict(source, x_adv, config.batch_size, device) == y
+            source_right = evaluate(source, x_adv, batch_size=config.batch_size) == y
             record: dict[str, Any] = {"attack": label, "paper_attack": paper_label, "base": base, "eps": eps,
                                       "alpha": alpha, "n": n,
                                       "Source": {"clean_acc": rate(source_clean), "adv_acc": rate(source_right),

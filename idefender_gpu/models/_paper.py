@@ -319,8 +319,9 @@ def _continue_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, s
 
 
 @torch.no_grad()
+@torch.no_grad()  # no autograd graph: a batch of 1000 through a WRN would otherwise keep its activations
 def evaluate(model: nn.Module, x: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """Predicted classes ``(N,)`` of ``model`` on ``x`` (eval mode, batched), on ``x``'s device."""
+    """Predicted classes ``(N,)`` of ``model`` on ``x`` (eval mode, batched, no autograd), on ``x``'s device."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
